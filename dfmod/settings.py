@@ -1,0 +1,158 @@
+"""dfmod's one settings object.
+
+Every process (API, worker, CLI) reads the environment once into :class:`Settings` and passes that
+object down; nothing else reads ``DFMOD_*`` variables. Backends are chosen by URL:
+
+* ``database_url``: ``postgresql+psycopg://...`` in production, ``sqlite:///...`` embedded.
+* ``broker_url``: ``redis://...`` in production, ``filesystem://`` (kombu's file transport under
+  ``data_dir``) embedded.
+* ``storage_url``: ``s3://BUCKET`` for S3-compatible storage (AWS S3, MinIO, R2, moto), or a local
+  directory whose sub-directories play the part of buckets.
+
+Left unset, the three URLs default to the embedded backends under ``data_dir``, so ``dfmod up`` runs on a
+fresh machine with no Redis, Postgres or S3.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    """Configuration for every dfmod process; each field is the env variable ``DFMOD_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DFMOD_", env_file=None, extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("dfmod-data"),
+        description="Root of the embedded backends (SQLite file, broker folder, local object store).",
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL: postgresql+psycopg://user:pass@host/db or sqlite:///path.db."
+    )
+    database_pool_size: int = Field(5, ge=1, description="Connections kept per process (Postgres).")
+    broker_url: str | None = Field(
+        None, description="Celery broker: redis://host:6379/0, or filesystem:// for the embedded broker."
+    )
+    queue: str = Field("dfmod-classify", description="Celery queue (a Redis list) that carries classify tasks.")
+    storage_url: str | None = Field(
+        None,
+        description="s3://BUCKET (uploads go to BUCKET) or a local directory; default DATA_DIR/objects/uploads.",
+    )
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated buckets that may be registered or notified; the upload bucket always is.",
+    )
+
+    # --- S3 client ---------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); unset for AWS.")
+    s3_region: str = Field("us-east-1", description="Region used to sign S3 requests.")
+    s3_access_key_id: SecretStr | None = Field(None, description="S3 access key; unset to use the AWS chain.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key.")
+    s3_max_attempts: int = Field(5, ge=1, description="botocore retry attempts (adaptive mode).")
+    s3_connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
+    s3_read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout in seconds.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "path", description="Path-style suits MinIO and most self-hosted endpoints."
+    )
+
+    # --- API ---------------------------------------------------------------------------------------
+    s3_event_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that S3/MinIO notifications must present; unset disables /v1/events/s3.",
+    )
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted image, in bytes.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Largest decoded image (width x height); larger ones fail as bombs."
+    )
+    min_image_side: int = Field(16, ge=1, description="Images with a smaller side fail as too small.")
+
+    # --- worker ------------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")
+    checkpoint: Path | None = Field(None, description="Model checkpoint (.safetensors); default: the shipped one.")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Override the checkpoint's decision threshold on fake probability."
+    )
+    batch_size: int = Field(32, ge=1, description="Most tasks classified in one forward pass.")
+    batch_wait_ms: int = Field(50, ge=0, description="Longest wait for a batch to fill before it runs anyway.")
+    worker_pool: Literal["solo", "threads"] = Field("solo", description="Celery pool; solo = one model per process.")
+    worker_concurrency: int = Field(1, ge=1, description="Pool size (threads pool only).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+    visibility_timeout_s: int = Field(
+        600, ge=1, description="Redis: unacked tasks of a dead worker are redelivered after this many seconds."
+    )
+    stuck_after_s: int = Field(
+        300, ge=1, description="Items queued or processing this long are re-enqueued by the sweep."
+    )
+    sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
+    max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
+    metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> "Settings":
+        if self.database_url and not self.database_url.startswith(("postgresql", "sqlite")):
+            raise ValueError("DFMOD_DATABASE_URL must be postgresql+psycopg://... or sqlite:///...")
+        if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
+            raise ValueError("DFMOD_BROKER_URL must be redis://..., rediss://... or filesystem://")
+        return self
+
+    # --- resolved backends -------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'dfmod.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_is_embedded(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the embedded filesystem broker keeps its messages."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def storage_is_s3(self) -> bool:
+        return (self.storage_url or "").startswith("s3://")
+
+    @property
+    def upload_bucket(self) -> str:
+        if self.storage_is_s3:
+            bucket = urlparse(self.storage_url).netloc
+            if not bucket:
+                raise ValueError("DFMOD_STORAGE_URL must name a bucket: s3://BUCKET")
+            return bucket
+        return self.local_storage_default_bucket
+
+    local_storage_default_bucket: str = Field("uploads", description="Upload bucket name with local storage.")
+
+    @property
+    def local_storage_root(self) -> Path:
+        """Folder whose sub-folders are the buckets of local storage."""
+        if self.storage_url and not self.storage_is_s3:
+            raw = self.storage_url.removeprefix("file://")
+            return Path(raw).resolve()
+        return (self.data_dir / "objects").resolve()
+
+    @cached_property
+    def readable_buckets(self) -> frozenset[str]:
+        return frozenset([self.upload_bucket, *self.allowed_buckets])
