@@ -1,0 +1,104 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, database, storage and the producer.
+
+Run it with ``dfmod api`` (uvicorn) or ``uvicorn --factory api.main:app_from_env``. Start-up never runs
+migrations: ``/readyz`` reports an unmigrated database instead, and ops run ``dfmod migrate``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.errors import install_error_handlers
+from api.routes import router
+from dfmod import metrics
+from dfmod.db import make_engine, make_session_factory
+from dfmod.queue import make_celery
+from dfmod.settings import Settings
+from dfmod.storage import make_storage
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="dfmod",
+        version="0.1.0",
+        description="Deepfake-image moderation: ingest images, classify them in batched workers, query verdicts.",
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
+    app.state.session_factory = make_session_factory(app.state.engine)
+    app.state.storage = make_storage(settings)
+    app.state.celery = make_celery(settings)
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
+        metrics.HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        checks = {
+            "database": _check_database(app),
+            "broker": _check_broker(app),
+            "storage": _check_storage(app),
+        }
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _check_database(app: FastAPI) -> str:
+    from dfmod.migrate import head_revision
+
+    try:
+        with app.state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} (did you run `dfmod migrate`?)"
+    head = head_revision()
+    if current != head:
+        return f"error: schema at {current}, code expects {head}: run `dfmod migrate`"
+    return "ok"
+
+
+def _check_broker(app: FastAPI) -> str:
+    try:
+        with app.state.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def _check_storage(app: FastAPI) -> str:
+    try:
+        app.state.storage.check()
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory api.main:app_from_env``: reads the environment once."""
+    return create_app(Settings())

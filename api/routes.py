@@ -1,0 +1,253 @@
+"""Ingest and status endpoints: uploads, S3/MinIO notifications, registrations, item lookups.
+
+Every ingest path does the same three things and nothing more: validate cheaply (headers, sizes, buckets,
+keys), record the item in the database (idempotently), enqueue its id. Classification happens in the
+workers; the API never loads the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mimetypes
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import unquote_plus
+
+from fastapi import APIRouter, File, Form, Header, Request, UploadFile, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
+from api.errors import ApiError
+from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
+from dfmod.db import Item
+from dfmod.imaging import ImageLimits, ImageRejected, probe_image
+from dfmod.items import NewItem, enqueue_items, record_items
+from dfmod.storage import StorageError, StorageUnavailable, validate_key
+
+router = APIRouter(prefix="/v1")
+
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def _storage_error(exc: StorageError) -> ApiError:
+    if isinstance(exc, StorageUnavailable):
+        return ApiError(status.HTTP_503_SERVICE_UNAVAILABLE, exc.reason, str(exc))
+    code = {
+        "bucket_not_allowed": status.HTTP_403_FORBIDDEN,
+        "invalid_key": status.HTTP_400_BAD_REQUEST,
+        "object_not_found": status.HTTP_404_NOT_FOUND,
+        "too_large": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    }.get(exc.reason, status.HTTP_502_BAD_GATEWAY)
+    return ApiError(code, exc.reason, str(exc))
+
+
+def _accepted_response(request: Request, recorded) -> JSONResponse:
+    item = recorded.item
+    body = Accepted(id=item.id, status=item.status.value, duplicate=not recorded.created)
+    return JSONResponse(
+        body.model_dump(), status_code=status.HTTP_202_ACCEPTED if recorded.created else status.HTTP_200_OK,
+        headers={"Location": str(request.url_for("get_image", item_id=item.id))},
+    )
+
+
+@router.post(
+    "/images",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses={400: {}, 413: {}, 415: {}, 503: {}},
+    summary="Upload an image for classification",
+)
+def upload_image(
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    storage: StorageDep,
+    celery: CeleryDep,
+    file: UploadFile = File(..., description="The image (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
+    source: str = Form("upload", max_length=255, description="Free-form origin, e.g. the platform's name."),
+):
+    data = file.file.read(settings.max_upload_bytes + 1)
+    limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    try:
+        probe = probe_image(data, limits)
+    except ImageRejected as exc:
+        code = {
+            "too_large": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            "not_an_image": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        }.get(exc.reason, status.HTTP_400_BAD_REQUEST)
+        raise ApiError(code, exc.reason, exc.detail) from exc
+    sha256 = hashlib.sha256(data).hexdigest()
+    now = datetime.now(timezone.utc)
+    key = f"uploads/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{_EXTENSIONS.get(probe.format, 'bin')}"
+    try:
+        info = storage.put(settings.upload_bucket, key, data, content_type=probe.mime)
+    except StorageError as exc:
+        raise _storage_error(exc) from exc
+    [recorded] = record_items(
+        session,
+        [
+            NewItem(
+                bucket=settings.upload_bucket, key=key, version=info.version_id or "", etag=info.etag, sha256=sha256,
+                size=len(data), content_type=probe.mime, source=source, ingest="upload",
+            )
+        ],
+    )
+    session.commit()  # the worker must find the item before it can find the task
+    enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
+    return _accepted_response(request, recorded)
+
+
+@router.post(
+    "/images:register",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses={400: {}, 403: {}, 404: {}, 503: {}},
+    summary="Classify an object already stored in a configured bucket",
+)
+def register_image(
+    request: Request, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    celery: CeleryDep,
+):
+    try:
+        validate_key(body.key)
+        info = storage.head(body.bucket, body.key)
+    except StorageError as exc:
+        raise _storage_error(exc) from exc
+    if info.size > settings.max_upload_bytes:
+        raise ApiError(
+            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "too_large",
+            f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}",
+        )
+    [recorded] = record_items(
+        session,
+        [
+            NewItem(
+                bucket=body.bucket, key=body.key, version=info.version_id or info.etag or "", etag=info.etag,
+                size=info.size, content_type=info.content_type or mimetypes.guess_type(body.key)[0],
+                source=body.source or "register", ingest="register",
+            )
+        ],
+    )
+    session.commit()
+    if recorded.created:
+        enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
+    return _accepted_response(request, recorded)
+
+
+def _check_event_token(settings, authorization: str | None) -> None:
+    if settings.s3_event_token is None:
+        raise ApiError(status.HTTP_404_NOT_FOUND, "events_disabled", "set DFMOD_S3_EVENT_TOKEN to accept S3 events")
+    token = settings.s3_event_token.get_secret_value()
+    presented = (authorization or "").strip()
+    # MinIO sends its auth_token verbatim, so accept both "Bearer TOKEN" and a bare "TOKEN".
+    if presented.lower().startswith("bearer "):
+        presented = presented[7:].strip()
+    if not presented or not hmac.compare_digest(presented.encode(), token.encode()):
+        raise ApiError(status.HTTP_401_UNAUTHORIZED, "unauthorized", "missing or wrong event token")
+
+
+def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordResult | None]:
+    """One notification record -> an item to record, or the reason it is ignored or rejected."""
+    if not isinstance(record, dict):
+        return None, EventRecordResult(status="rejected", reason="malformed_record")
+    event_name = str(record.get("eventName", ""))
+    s3 = record.get("s3")
+    if not isinstance(s3, dict) or not isinstance(s3.get("bucket"), dict) or not isinstance(s3.get("object"), dict):
+        return None, EventRecordResult(status="rejected", reason="malformed_record")
+    bucket = s3["bucket"].get("name")
+    raw_key = s3["object"].get("key")
+    if not isinstance(bucket, str) or not isinstance(raw_key, str) or not bucket or not raw_key:
+        return None, EventRecordResult(status="rejected", reason="malformed_record")
+    # S3 and MinIO URL-encode keys in notifications, with '+' for spaces.
+    key = unquote_plus(raw_key)
+    if not event_name.removeprefix("s3:").startswith("ObjectCreated:"):
+        return None, EventRecordResult(bucket=bucket, key=key, status="ignored", reason=f"event {event_name or '?'}")
+    if bucket not in settings.readable_buckets:
+        return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason="bucket_not_allowed")
+    try:
+        validate_key(key)
+    except StorageError as exc:
+        return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason=exc.reason)
+    obj = s3["object"]
+    etag = str(obj.get("eTag") or obj.get("etag") or "").strip('"') or None
+    version_id = obj.get("versionId") or obj.get("versionid") or None
+    size = obj.get("size")
+    new = NewItem(
+        bucket=bucket, key=key, version=str(version_id or etag or ""), etag=etag,
+        size=int(size) if isinstance(size, (int, float)) else None,
+        content_type=obj.get("contentType") if isinstance(obj.get("contentType"), str) else None,
+        source=f"s3:{bucket}", ingest="s3-event",
+    )
+    return new, None
+
+
+@router.post(
+    "/events/s3",
+    response_model=EventsOut,
+    responses={400: {}, 401: {}, 404: {}},
+    summary="S3 / MinIO bucket notifications (ObjectCreated:*)",
+)
+async def s3_events(
+    request: Request, settings: SettingsDep, authorization: str | None = Header(None),
+):
+    _check_event_token(settings, authorization)
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "body is not JSON") from exc
+    if isinstance(payload, dict) and "Records" not in payload and payload.get("Event") == "s3:TestEvent":
+        return EventsOut(accepted=0, duplicates=0, ignored=1, rejected=0, records=[EventRecordResult(status="ignored", reason="test event")])
+    records = payload.get("Records") if isinstance(payload, dict) else None
+    if not isinstance(records, list) or not records:
+        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "expected an S3 notification with Records[]")
+    # Database and broker calls are blocking: run them off the event loop.
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(_record_events, request, settings, records)
+
+
+def _record_events(request: Request, settings, records: list) -> JSONResponse:
+    results: list[EventRecordResult | None] = []
+    to_record: list[tuple[int, NewItem]] = []
+    for index, record in enumerate(records):
+        new, result = _parse_record(record, settings)
+        results.append(result)
+        if new is not None:
+            to_record.append((index, new))
+    factory = request.app.state.session_factory
+    with factory() as session:
+        recorded = record_items(session, [new for _, new in to_record])
+        session.commit()
+    fresh_ids = list(dict.fromkeys(r.item.id for r in recorded if r.created))
+    enqueue_items(factory, request.app.state.celery, settings, fresh_ids)
+    seen_new: set[str] = set()
+    for (index, new), rec in zip(to_record, recorded):
+        # The same object twice in one payload: the first is accepted, the second is a duplicate.
+        is_new = rec.created and rec.item.id not in seen_new
+        seen_new.add(rec.item.id)
+        results[index] = EventRecordResult(
+            bucket=new.bucket, key=new.key, id=rec.item.id, status="accepted" if is_new else "duplicate"
+        )
+    final = [r for r in results if r is not None]
+    counts = {name: sum(1 for r in final if r.status == name) for name in ("accepted", "duplicate", "ignored", "rejected")}
+    body = EventsOut(
+        accepted=counts["accepted"], duplicates=counts["duplicate"], ignored=counts["ignored"],
+        rejected=counts["rejected"], records=final,
+    )
+    # All records rejected: tell the sender clearly (4xx) rather than pretending it worked.
+    code = status.HTTP_400_BAD_REQUEST if counts["rejected"] == len(final) else status.HTTP_200_OK
+    if counts["accepted"]:
+        code = status.HTTP_202_ACCEPTED
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)
+
+
+@router.get("/images/{item_id}", response_model=ItemOut, responses={404: {}}, summary="An item's status and verdict")
+def get_image(item_id: str, session: SessionDep) -> ItemOut:
+    item = session.scalars(select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts))).first()
+    if item is None:
+        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    return ItemOut.of(item)

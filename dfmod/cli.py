@@ -1,0 +1,195 @@
+"""The ``dfmod`` command line: run the API, the workers, migrations, the embedded stack, training, evaluation
+and benchmarks.
+
+Each command reads :class:`~dfmod.settings.Settings` from the environment once and passes it down; heavy
+imports (torch, timm) happen inside the commands that need them so ``dfmod --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="dfmod",
+    help="Deepfake-image moderation: ingest, batched classification, verdicts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _settings(**overrides):
+    from dfmod.settings import Settings
+
+    # Settings() reads the environment; explicit command-line values win over it.
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def migrate(
+    revision: str = typer.Option("head", help="Target revision (upgrade)."),
+    downgrade: bool = typer.Option(False, "--downgrade", help="Downgrade to REVISION instead."),
+) -> None:
+    """Apply the database migrations (Alembic) and exit. Run before starting a new version."""
+    from dfmod import migrate as migrations
+
+    settings = _settings()
+    _logging()
+    if downgrade:
+        migrations.downgrade(settings, revision)
+    else:
+        migrations.upgrade(settings, revision)
+    current = migrations.current_revision(settings.resolved_database_url)
+    typer.echo(f"database at revision {current}")
+
+
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    workers: int = typer.Option(1, help="uvicorn worker processes."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run the HTTP API (uvicorn). Does not load the model and does not migrate."""
+    import uvicorn
+
+    if workers > 1:
+        uvicorn.run("api.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+        return
+    from api.main import create_app
+
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def worker(
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+    hostname: Optional[str] = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+) -> None:
+    """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
+    from dfmod.detector import ModelNotAvailable
+
+    settings = _settings()
+    _logging(loglevel)
+    from worker.app import run_worker
+
+    try:
+        run_worker(settings, loglevel=loglevel, hostname=hostname)
+    except ModelNotAvailable as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def sweep() -> None:
+    """Re-enqueue items stuck in queued/processing once (workers also do this periodically)."""
+    from dfmod.db import make_engine, make_session_factory
+    from dfmod.items import sweep_stuck_items
+    from dfmod.queue import make_celery
+
+    settings = _settings()
+    factory = make_session_factory(make_engine(settings.resolved_database_url))
+    count = sweep_stuck_items(factory, make_celery(settings), settings)
+    typer.echo(f"re-enqueued {count} item(s)")
+
+
+@app.command()
+def up(
+    host: str = typer.Option("127.0.0.1", help="Interface for the API."),
+    port: int = typer.Option(8000, help="Port for the API."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded database, broker and objects live."),
+) -> None:
+    """Run API and worker together on embedded defaults: SQLite, a local folder, a filesystem broker.
+
+    Needs no Redis, Postgres or S3; set DFMOD_* variables to point either process at real services.
+    """
+    from dfmod import migrate as migrations
+    from dfmod.detector import ModelNotAvailable, read_meta, resolve_checkpoint_path
+
+    settings = _settings(data_dir=data_dir)
+    _logging()
+    try:
+        checkpoint = resolve_checkpoint_path(settings.checkpoint)
+    except ModelNotAvailable as exc:
+        _fail(str(exc))
+    meta = read_meta(checkpoint)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # The embedded stack is a single-user, single-machine setup: migrating here is the documented first-run
+    # step. Production runs `dfmod migrate` as a separate job and never migrates at start-up.
+    migrations.upgrade(settings)
+
+    child_env = dict(os.environ, DFMOD_DATA_DIR=str(settings.data_dir.resolve()))
+    worker_process = subprocess.Popen([sys.executable, "-m", "dfmod", "worker"], env=child_env)
+
+    def _stop_worker(*_args) -> None:
+        if worker_process.poll() is None:
+            worker_process.send_signal(signal.SIGTERM)
+            try:
+                worker_process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_process.kill()
+
+    base = f"http://{host}:{port}"
+    typer.secho(
+        f"\ndfmod is up: API {base}  (model {meta.model_version}, threshold {meta.threshold:.3f})\n"
+        f"  data:     {settings.data_dir.resolve()}\n"
+        f"  upload:   curl -F file=@face.jpg {base}/v1/images\n"
+        f"  verdict:  curl {base}/v1/images/ID\n",
+        fg=typer.colors.GREEN,
+    )
+    import uvicorn
+
+    from api.main import create_app
+
+    try:
+        time.sleep(0.5)
+        if worker_process.poll() is not None:
+            _fail("the worker exited at start; see its log above")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        _stop_worker()
+
+
+def _register_optional_commands() -> None:
+    """Training/evaluation and benchmarks live in their own modules; register them if present."""
+    try:
+        from dfmod.training.cli import evaluate_command, train_command
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        app.command("train")(train_command)
+        app.command("evaluate")(evaluate_command)
+    try:
+        from dfmod.bench import bench_command
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.command("bench")(bench_command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

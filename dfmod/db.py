@@ -1,0 +1,198 @@
+"""Database models and sessions: the source of truth for every item and verdict.
+
+The queue only carries item ids; what an item is, where its bytes live and what the model said about it
+lives here. Writes are idempotent by construction: an item is unique on (bucket, key, version) and a
+verdict on (item, model version), and both are written with ``INSERT ... ON CONFLICT DO NOTHING`` so a
+message delivered twice yields one row.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+# Stable constraint names, so Alembic revisions can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on every backend (SQLite hands back naive datetimes otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime stored; use dfmod.db.utcnow()")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ItemStatus(str, enum.Enum):
+    queued = "queued"
+    processing = "processing"
+    classified = "classified"
+    failed = "failed"
+
+
+class Item(Base):
+    """One image submitted for moderation, wherever it came from (upload, S3 event, registration)."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("bucket", "key", "version", name="uq_items_bucket_key_version"),
+        Index("ix_items_status_updated", "status", "updated_at"),
+        Index("ix_items_sha256", "sha256"),
+        Index("ix_items_created", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    bucket: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(1024))
+    # S3 version id, else the ETag, else "": one item per distinct object version, so a re-upload under the
+    # same key is a new item while a duplicated notification for the same version is not.
+    version: Mapped[str] = mapped_column(String(255), default="")
+    etag: Mapped[str | None] = mapped_column(String(255))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    content_type: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(255), default="upload")
+    ingest: Mapped[str] = mapped_column(String(32), default="upload")
+    status: Mapped[ItemStatus] = mapped_column(
+        Enum(ItemStatus, name="item_status", native_enum=False, length=16), default=ItemStatus.queued
+    )
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    failure_detail: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    classified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    verdicts: Mapped[list["Verdict"]] = relationship(
+        back_populates="item", order_by="Verdict.created_at", cascade="all, delete-orphan"
+    )
+
+
+class Verdict(Base):
+    """What one model version said about one item. Unique per (item, model version)."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        UniqueConstraint("item_id", "model_version", name="uq_verdicts_item_model"),
+        Index("ix_verdicts_model_sha", "model_version", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(16))
+    fake_probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str] = mapped_column(String(128))
+    # Copied from the item so "same bytes, same model" is one index lookup.
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(16))
+    reused_from_item_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+    item: Mapped[Item] = relationship(back_populates="verdicts")
+
+
+# --- engine and sessions ---------------------------------------------------------------------------
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+            cursor = dbapi_connection.cursor()
+            # WAL lets the API read while the worker writes; foreign keys are off by default in SQLite.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction: committed if the block succeeds, rolled back if it raises."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def insert_ignore(session: Session, model, values: list[dict], index_elements: list[str]) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` on Postgres and SQLite: the idempotent write."""
+    if not values:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported backends
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    statement = insert(model).values(values).on_conflict_do_nothing(index_elements=index_elements)
+    session.execute(statement)

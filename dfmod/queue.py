@@ -1,0 +1,85 @@
+"""The Celery application shared by producers (API, sweep) and consumers (workers).
+
+Producers only ever call :func:`enqueue`, which sends a task by name with an item id: they never import
+the worker's code, so the API stays free of torch. The broker is Redis in production and kombu's
+filesystem transport for the embedded default; both get bounded prefetch and late acknowledgement.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from celery import Celery
+
+from dfmod.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CLASSIFY_TASK = "dfmod.classify"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dfmod", broker=settings.resolved_broker_url, set_as_current=False)
+    if settings.broker_is_embedded:
+        folder = settings.broker_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        transport_options: dict = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "polling_interval": 0.05,
+        }
+    else:
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Scan for abandoned (unacked) messages often enough that a dead worker's batch comes back soon
+            # after its visibility timeout, not an hour later.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 30,
+        }
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_routes={CLASSIFY_TASK: {"queue": settings.queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # celery-batches needs the whole batch prefetched, and no more: a worker that hoards messages
+        # hides them from the queue length that the autoscaler reads.
+        worker_prefetch_multiplier=settings.batch_size,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, settings: Settings, item_ids: Iterable[str], countdown: float | None = None) -> int:
+    """Send one classify task per item id; returns how many were sent."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for item_id in item_ids:
+            app.send_task(
+                CLASSIFY_TASK, args=[item_id], queue=settings.queue, producer=producer, countdown=countdown,
+                retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
+            sent += 1
+    return sent
+
+
+def queue_length(app: Celery, settings: Settings) -> int | None:
+    """Messages waiting in the classify queue (what KEDA scales on); None if the broker can't tell."""
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            return channel.queue_declare(queue=settings.queue, passive=True).message_count
+    except Exception:  # noqa: BLE001 - a readiness/bench helper, never fatal
+        logger.debug("queue length unavailable", exc_info=True)
+        return None

@@ -1,0 +1,235 @@
+"""Object storage: S3-compatible buckets through boto3, or a local folder for the embedded default.
+
+Both backends speak in (bucket, key) and enforce the same rules: only configured buckets are readable,
+and a key can never escape its bucket (no ``..`` segments, no absolute paths, no NUL bytes). Errors are
+sorted into what a worker must do with them: :class:`ObjectNotFound` and :class:`ObjectTooLarge` fail
+the item, :class:`StorageUnavailable` is transient and retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dfmod.settings import Settings
+
+
+class StorageError(Exception):
+    reason = "storage_error"
+
+
+class BucketNotAllowed(StorageError):
+    reason = "bucket_not_allowed"
+
+
+class InvalidKey(StorageError):
+    reason = "invalid_key"
+
+
+class ObjectNotFound(StorageError):
+    reason = "object_not_found"
+
+
+class ObjectTooLarge(StorageError):
+    reason = "too_large"
+
+
+class StorageUnavailable(StorageError):
+    """A transient fault (network, throttling, 5xx): retry later."""
+
+    reason = "storage_unavailable"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    etag: str | None = None
+    version_id: str | None = None
+    content_type: str | None = None
+
+
+def validate_key(key: str) -> str:
+    """Reject keys that could address something outside their bucket or confuse path handling."""
+    if not key or len(key) > 1024:
+        raise InvalidKey("object keys must be 1 to 1024 characters")
+    if "\x00" in key or "\\" in key:
+        raise InvalidKey("object keys may not contain NUL or backslash")
+    if key.startswith("/"):
+        raise InvalidKey("object keys may not start with '/'")
+    parts = key.split("/")
+    if any(part in ("..", ".") for part in parts):
+        raise InvalidKey("object keys may not contain '.' or '..' segments")
+    if posixpath.normpath(key) != key.rstrip("/") or key.endswith("/"):
+        raise InvalidKey("object keys must be normalised paths to a file")
+    return key
+
+
+class Storage(Protocol):
+    readable_buckets: frozenset[str]
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> ObjectInfo: ...
+
+    def head(self, bucket: str, key: str) -> ObjectInfo: ...
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes: ...
+
+    def check(self) -> None:
+        """Raise if the upload bucket cannot be reached (readiness)."""
+
+
+class _BucketRules:
+    readable_buckets: frozenset[str]
+
+    def _check(self, bucket: str, key: str) -> None:
+        if bucket not in self.readable_buckets:
+            raise BucketNotAllowed(f"bucket {bucket!r} is not configured for dfmod")
+        validate_key(key)
+
+
+class LocalStorage(_BucketRules):
+    """Buckets are sub-folders of ``root``; used by the embedded default and in tests."""
+
+    def __init__(self, root: Path, upload_bucket: str, readable_buckets: frozenset[str]) -> None:
+        self.root = Path(root).resolve()
+        self.upload_bucket = upload_bucket
+        self.readable_buckets = readable_buckets
+        (self.root / upload_bucket).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, bucket: str, key: str) -> Path:
+        self._check(bucket, key)
+        bucket_root = (self.root / bucket).resolve()
+        path = (bucket_root / key).resolve()
+        # Belt and braces after validate_key: a symlink inside the bucket must not lead out of it either.
+        if not path.is_relative_to(bucket_root):
+            raise InvalidKey("object key escapes its bucket")
+        return path
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> ObjectInfo:
+        path = self._path(bucket, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        return ObjectInfo(bucket, key, len(data), etag=hashlib.md5(data).hexdigest(), content_type=content_type)
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        path = self._path(bucket, key)
+        if not path.is_file():
+            raise ObjectNotFound(f"{bucket}/{key} does not exist")
+        return ObjectInfo(bucket, key, path.stat().st_size)
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        info = self.head(bucket, key)
+        if info.size > max_bytes:
+            raise ObjectTooLarge(f"{info.size} bytes exceeds the limit of {max_bytes}")
+        return self._path(bucket, key).read_bytes()
+
+    def check(self) -> None:
+        if not (self.root / self.upload_bucket).is_dir():
+            raise StorageUnavailable(f"local storage folder {self.root / self.upload_bucket} is missing")
+
+
+class S3Storage(_BucketRules):
+    """Any S3-compatible endpoint (AWS, MinIO, R2, moto) with bounded retries and timeouts."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.upload_bucket = settings.upload_bucket
+        self.readable_buckets = settings.readable_buckets
+        config = Config(
+            region_name=settings.s3_region,
+            retries={"max_attempts": settings.s3_max_attempts, "mode": "adaptive"},
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=settings.s3_read_timeout_s,
+            s3={"addressing_style": settings.s3_addressing_style},
+            max_pool_connections=32,
+        )
+        credentials = {}
+        if settings.s3_access_key_id and settings.s3_secret_access_key:
+            credentials = {
+                "aws_access_key_id": settings.s3_access_key_id.get_secret_value(),
+                "aws_secret_access_key": settings.s3_secret_access_key.get_secret_value(),
+            }
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=settings.s3_endpoint_url, config=config, **credentials
+        )
+
+    def _translate(self, exc: Exception, bucket: str, key: str) -> StorageError:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchKey", "404", "NotFound", "NoSuchVersion"):
+                return ObjectNotFound(f"{bucket}/{key} does not exist")
+            if code == "NoSuchBucket":
+                return BucketNotAllowed(f"bucket {bucket!r} does not exist")
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                return StorageUnavailable(f"S3 {code or status}: {exc}")
+            return StorageError(f"S3 {code or status}: {exc}")
+        if isinstance(exc, BotoCoreError):
+            return StorageUnavailable(f"S3 unreachable: {exc}")
+        return StorageError(str(exc))
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> ObjectInfo:
+        self._check(bucket, key)
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            response = self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except Exception as exc:  # noqa: BLE001 - translated into our taxonomy
+            raise self._translate(exc, bucket, key) from exc
+        return ObjectInfo(
+            bucket, key, len(data), etag=(response.get("ETag") or "").strip('"') or None,
+            version_id=response.get("VersionId"), content_type=content_type,
+        )
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        self._check(bucket, key)
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, bucket, key) from exc
+        return ObjectInfo(
+            bucket, key, int(response.get("ContentLength", 0)), etag=(response.get("ETag") or "").strip('"') or None,
+            version_id=response.get("VersionId"), content_type=response.get("ContentType"),
+        )
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        self._check(bucket, key)
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            size = int(response.get("ContentLength", 0))
+            if size > max_bytes:
+                response["Body"].close()
+                raise ObjectTooLarge(f"{size} bytes exceeds the limit of {max_bytes}")
+            # Read one byte past the limit so a lying Content-Length cannot make us buffer unbounded data.
+            data = response["Body"].read(max_bytes + 1)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, bucket, key) from exc
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"object exceeds the limit of {max_bytes} bytes")
+        return data
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.upload_bucket)
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, self.upload_bucket, "") from exc
+
+
+def make_storage(settings: Settings) -> Storage:
+    if settings.storage_is_s3:
+        return S3Storage(settings)
+    return LocalStorage(settings.local_storage_root, settings.upload_bucket, settings.readable_buckets)

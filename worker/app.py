@@ -1,0 +1,120 @@
+"""The Celery worker: batched classify task, stuck-item sweep and metrics endpoint.
+
+``dfmod worker`` calls :func:`run_worker`. The model is loaded once, in the process that will use it
+(the solo and threads pools never fork, so CUDA is initialised after any fork could happen), before the
+worker starts consuming: a missing checkpoint stops the worker at start, not at its first batch.
+
+Batching is celery-batches: messages are buffered until ``batch_size`` of them arrived or
+``batch_wait_ms`` passed, then the whole buffer is handed to one task call. Prefetch is bounded to one
+batch (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
+worker killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass
+
+from celery import Celery
+from celery_batches import Batches
+
+from dfmod.db import make_engine, make_session_factory
+from dfmod.items import sweep_stuck_items
+from dfmod.queue import CLASSIFY_TASK, make_celery
+from dfmod.settings import Settings
+from dfmod.storage import make_storage
+from worker.classify import BatchClassifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    celery: Celery
+    classifier: BatchClassifier
+
+
+def build_runtime(settings: Settings) -> WorkerRuntime:
+    from dfmod import metrics
+    from dfmod.detector import Predictor
+
+    predictor = Predictor(
+        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads
+    )
+    predictor.warmup(min(settings.batch_size, 8))
+    metrics.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
+    engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
+    factory = make_session_factory(engine)
+    app = make_celery(settings)
+    classifier = BatchClassifier(settings, factory, make_storage(settings), predictor, app)
+    register_classify_task(app, settings, classifier)
+    return WorkerRuntime(settings, app, classifier)
+
+
+def register_classify_task(app: Celery, settings: Settings, classifier: BatchClassifier) -> None:
+    # batch_wait_ms=0 or batch_size=1 means "no batching": every message is its own forward pass.
+    flush_every = settings.batch_size if settings.batch_wait_ms > 0 else 1
+
+    @app.task(
+        name=CLASSIFY_TASK,
+        base=Batches,
+        flush_every=flush_every,
+        flush_interval=max(settings.batch_wait_ms, 1) / 1000.0,
+        acks_late=True,
+        ignore_result=True,
+    )
+    def classify(requests) -> None:
+        item_ids = []
+        for request in requests:
+            if len(request.args) == 1 and isinstance(request.args[0], str):
+                item_ids.append(request.args[0])
+            else:
+                logger.error("dropping malformed classify message %s: args=%r", request.id, request.args)
+        if item_ids:
+            classifier.run(item_ids)
+
+
+def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Thread:
+    """Re-enqueue stuck items every ``sweep_interval_s`` (with jitter, so workers don't sweep in lockstep)."""
+    settings = runtime.settings
+
+    def loop() -> None:
+        while not stop.wait(settings.sweep_interval_s * random.uniform(0.8, 1.2)):
+            try:
+                sweep_stuck_items(runtime.classifier.session_factory, runtime.celery, settings)
+            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+                logger.warning("stuck-item sweep failed", exc_info=True)
+
+    thread = threading.Thread(target=loop, name="dfmod-sweep", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    runtime = build_runtime(settings)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+    stop = threading.Event()
+    start_sweeper(runtime, stop)
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        f"--pool={settings.worker_pool}",
+        f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
+        f"--queues={settings.queue}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    try:
+        runtime.celery.worker_main(argv)
+    finally:
+        stop.set()
+        runtime.classifier.close()
