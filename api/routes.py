@@ -222,15 +222,11 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
     with factory() as session:
         recorded = record_items(session, [new for _, new in to_record])
         session.commit()
-    fresh_ids = list(dict.fromkeys(r.item.id for r in recorded if r.created))
+    fresh_ids = [r.item.id for r in recorded if r.created]
     enqueue_items(factory, request.app.state.celery, settings, fresh_ids)
-    seen_new: set[str] = set()
     for (index, new), rec in zip(to_record, recorded):
-        # The same object twice in one payload: the first is accepted, the second is a duplicate.
-        is_new = rec.created and rec.item.id not in seen_new
-        seen_new.add(rec.item.id)
         results[index] = EventRecordResult(
-            bucket=new.bucket, key=new.key, id=rec.item.id, status="accepted" if is_new else "duplicate"
+            bucket=new.bucket, key=new.key, id=rec.item.id, status="accepted" if rec.created else "duplicate"
         )
     final = [r for r in results if r is not None]
     counts = {name: sum(1 for r in final if r.status == name) for name in ("accepted", "duplicate", "ignored", "rejected")}

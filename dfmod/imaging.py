@@ -17,7 +17,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Formats people upload; anything else (PDF, PSD, ICO, ...) is rejected before a decoder is chosen,
 # which keeps the attack surface to the decoders we expect.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files
 
 # Truncated files must fail, not decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

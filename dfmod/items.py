@@ -69,10 +69,13 @@ def record_items(session: Session, new_items: list[NewItem]) -> list[Recorded]:
     ).all()
     by_identity = {(item.bucket, item.key, item.version): item for item in found}
     results = []
+    reported: set[tuple[str, str, str]] = set()
     for new in new_items:
         identity = (new.bucket, new.key, new.version)
         item = by_identity[identity]
-        created = item.id == proposed[identity]
+        # Only the first mention of an object in this call counts as its creation.
+        created = item.id == proposed[identity] and identity not in reported
+        reported.add(identity)
         results.append(Recorded(item, created))
     for created in (True, False):
         count = sum(1 for result in results if result.created is created)

@@ -260,8 +260,7 @@ class BatchClassifier:
             outcome.fake_probability = probabilities[outcome.sha256]
             outcome.array = None  # free the pixels before the database round trip
             if outcome is not representatives[outcome.sha256]:
-                outcome.inference_ms = representatives[outcome.sha256].inference_ms
-                outcome.batch_size = representatives[outcome.sha256].batch_size
+                outcome.reused_from = representatives[outcome.sha256].item.id
 
     def _persist(self, outcomes: list[Outcome]) -> None:
         now = utcnow()

@@ -1,0 +1,255 @@
+"""Shared fixtures: real Postgres, Redis and an S3-compatible server (moto_server) on loopback.
+
+Nothing here mocks boto3, Redis or the database. The services are the ones ``scripts/test.sh`` makes sure
+are running (Postgres on 127.0.0.1:5432, Redis on 127.0.0.1:6379); moto_server is started here on a free
+port. Each test session gets its own Postgres database and Redis DB number, so runs don't collide.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = os.environ.get("DFMOD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST_URL = os.environ.get("DFMOD_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_TEST_DB = int(os.environ.get("DFMOD_TEST_REDIS_DB", "11"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def make_image_bytes(fmt: str = "JPEG", size=(64, 64), color=(200, 40, 40), mode: str = "RGB", **save) -> bytes:
+    image = Image.new(mode, size, color if mode != "L" else 128)
+    # Some texture, so JPEG encoders and the model see more than a flat field.
+    for x in range(0, size[0], 8):
+        for y in range(0, size[1], 8):
+            if (x // 8 + y // 8) % 2 and mode in ("RGB", "RGBA"):
+                image.putpixel((x, y), (0, 0, 0) if mode == "RGB" else (0, 0, 0, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_bytes():
+    return make_image_bytes
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory) -> Path:
+    """A random-weight MobileNetV4-Small checkpoint: the real architecture and code path, no training."""
+    import torch
+
+    from dfmod.detector import ModelMeta, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    meta = ModelMeta(model_version="test-random-0001", threshold=0.5, threshold_rule="test")
+    path = tmp_path_factory.mktemp("model") / "test.safetensors"
+    return save_checkpoint(build_model(meta), meta, path)
+
+
+# --- Postgres --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh database for this test session, migrated to head, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"dfmod_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"Postgres not reachable at {POSTGRES_ADMIN_URL} ({exc}); run the tests with scripts/test.sh")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from dfmod import migrate
+    from dfmod.settings import Settings
+
+    migrate.upgrade(Settings(database_url=url))
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def clean_postgres(postgres_url) -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("TRUNCATE verdicts, items RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return postgres_url
+
+
+# --- Redis -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    url = f"{REDIS_HOST_URL}/{REDIS_TEST_DB}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis not reachable at {url} ({exc}); run the tests with scripts/test.sh")
+    yield url
+    client.flushdb()
+    client.close()
+
+
+# --- S3 (moto_server) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if executable is None:
+        pytest.fail("moto_server not installed: pip install 'moto[server]'")
+    port = free_port()
+    process = subprocess.Popen(
+        [executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_buckets(s3_endpoint):
+    """Two fresh buckets on the S3 server: (upload bucket, an extra allowed bucket)."""
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    suffix = uuid.uuid4().hex[:8]
+    buckets = (f"uploads-{suffix}", f"platform-{suffix}")
+    for bucket in buckets:
+        client.create_bucket(Bucket=bucket)
+    return client, buckets
+
+
+@pytest.fixture
+def integration_env(clean_postgres, redis_url, s3_endpoint, s3_buckets, checkpoint_path, tmp_path) -> dict:
+    """DFMOD_* variables for a full production-shaped stack on the real local services."""
+    _client, (upload_bucket, extra_bucket) = s3_buckets
+    return {
+        "DFMOD_DATABASE_URL": clean_postgres,
+        "DFMOD_BROKER_URL": redis_url,
+        "DFMOD_QUEUE": f"dfmod-test-{uuid.uuid4().hex[:6]}",
+        "DFMOD_STORAGE_URL": f"s3://{upload_bucket}",
+        "DFMOD_ALLOWED_BUCKETS": extra_bucket,
+        "DFMOD_S3_ENDPOINT_URL": s3_endpoint,
+        "DFMOD_S3_ACCESS_KEY_ID": "test",
+        "DFMOD_S3_SECRET_ACCESS_KEY": "test",
+        "DFMOD_S3_MAX_ATTEMPTS": "2",
+        "DFMOD_S3_EVENT_TOKEN": "event-secret",
+        "DFMOD_CHECKPOINT": str(checkpoint_path),
+        "DFMOD_DATA_DIR": str(tmp_path / "data"),
+        "DFMOD_DEVICE": "cpu",
+        "DFMOD_TORCH_THREADS": "1",
+        "DFMOD_METRICS_PORT": str(free_port()),
+        "DFMOD_BATCH_WAIT_MS": "200",
+        "DFMOD_BATCH_SIZE": "8",
+    }
+
+
+@pytest.fixture
+def integration_settings(integration_env, monkeypatch):
+    from dfmod.settings import Settings
+
+    for key, value in integration_env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+class WorkerProcess:
+    """A real ``dfmod worker`` subprocess with its own environment; killable with any signal."""
+
+    def __init__(self, env: dict, log_path: Path) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log()}")
+            if b" ready." in self.log_path.read_bytes():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def worker_factory(integration_env, tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(**overrides) -> WorkerProcess:
+        env = {**integration_env, **{key: str(value) for key, value in overrides.items()}}
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop(sig=9)

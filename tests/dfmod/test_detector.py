@@ -1,0 +1,74 @@
+"""Checkpoints, preprocessing and the predictor that the worker, evaluation and the benchmark share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dfmod.detector import (
+    IMAGENET_MEAN,
+    ModelMeta,
+    ModelNotAvailable,
+    Predictor,
+    build_model,
+    load_checkpoint,
+    preprocess,
+    read_meta,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
+
+
+def test_checkpoint_round_trips_weights_and_metadata(tmp_path):
+    import torch
+
+    meta = ModelMeta(threshold=0.37, model_version="v-test", threshold_rule="max F1", extra={"epochs": 3})
+    model = build_model(meta)
+    path = save_checkpoint(model, meta, tmp_path / "m.safetensors")
+    loaded, loaded_meta = load_checkpoint(path)
+    assert loaded_meta == meta and read_meta(path) == meta
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_half_checkpoint_is_smaller_and_predicts_alike(tmp_path):
+    meta = ModelMeta(model_version="v-half")
+    model = build_model(meta).eval()
+    full = save_checkpoint(model, meta, tmp_path / "full.safetensors")
+    half = save_checkpoint(model, meta, tmp_path / "half.safetensors", half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    images = [Image.new("RGB", (256, 256), (i * 40, 100, 200 - i * 30)) for i in range(4)]
+    a = Predictor(full, device="cpu").predict_images(images)
+    b = Predictor(half, device="cpu").predict_images(images)
+    assert np.allclose(a, b, atol=1e-2)
+
+
+def test_preprocess_resizes_to_the_input_size_and_normalises():
+    meta = ModelMeta()
+    array = preprocess(Image.new("RGB", (500, 300), (255, 0, 0)), meta)
+    assert array.shape == (3, 224, 224) and array.dtype == np.float32
+    assert array[0, 0, 0] == pytest.approx((1.0 - IMAGENET_MEAN[0]) / 0.229, rel=1e-5)
+
+
+def test_predictor_returns_one_probability_per_image(checkpoint_path):
+    predictor = Predictor(checkpoint_path, device="cpu")
+    probabilities = predictor.predict_images([Image.new("RGB", (64, 64), (c, c, c)) for c in (0, 128, 255)])
+    assert probabilities.shape == (3,)
+    assert np.all((probabilities >= 0) & (probabilities <= 1))
+    assert predictor.model_version == "test-random-0001"
+    assert predictor.label_for(0.5) == "fake" and predictor.label_for(0.49) == "real"
+
+
+def test_missing_checkpoint_is_reported_loudly(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="not found"):
+        resolve_checkpoint_path(tmp_path / "nope.safetensors")
+
+
+def test_non_dfmod_safetensors_is_rejected(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no dfmod metadata"):
+        read_meta(tmp_path / "other.safetensors")

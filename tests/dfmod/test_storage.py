@@ -1,0 +1,82 @@
+"""Storage backends: bucket allow-list, key confinement, and a real S3-compatible server (moto_server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dfmod.settings import Settings
+from dfmod.storage import (
+    BucketNotAllowed,
+    InvalidKey,
+    LocalStorage,
+    ObjectNotFound,
+    ObjectTooLarge,
+    S3Storage,
+    StorageUnavailable,
+    validate_key,
+)
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "a/../../b", "/abs/path", "a/./b", "a\\b", "nul\x00byte", "", "dir/"])
+def test_keys_that_could_escape_their_bucket_are_rejected(key):
+    with pytest.raises(InvalidKey):
+        validate_key(key)
+
+
+@pytest.mark.parametrize("key", ["a.jpg", "uploads/2026/01/x.jpg", "with space/ü.png", "..hidden", "a..b/c"])
+def test_ordinary_keys_are_accepted(key):
+    assert validate_key(key) == key
+
+
+def test_local_storage_round_trip_and_confinement(tmp_path):
+    storage = LocalStorage(tmp_path, "uploads", frozenset({"uploads", "extra"}))
+    info = storage.put("uploads", "a/b.jpg", b"12345")
+    assert info.size == 5 and (tmp_path / "uploads" / "a" / "b.jpg").read_bytes() == b"12345"
+    assert storage.get("uploads", "a/b.jpg", max_bytes=10) == b"12345"
+    with pytest.raises(ObjectTooLarge):
+        storage.get("uploads", "a/b.jpg", max_bytes=4)
+    with pytest.raises(ObjectNotFound):
+        storage.get("uploads", "missing.jpg", max_bytes=10)
+    with pytest.raises(BucketNotAllowed):
+        storage.get("secret", "a/b.jpg", max_bytes=10)
+    with pytest.raises(InvalidKey):
+        storage.get("uploads", "../extra/x", max_bytes=10)
+    # A symlink planted inside a bucket must not lead outside it.
+    (tmp_path / "outside.txt").write_text("secret")
+    (tmp_path / "uploads" / "link").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(InvalidKey):
+        storage.get("uploads", "link", max_bytes=100)
+
+
+def _s3_settings(endpoint: str, bucket: str, extra: str = "", **kw) -> Settings:
+    return Settings(
+        storage_url=f"s3://{bucket}", allowed_buckets=extra, s3_endpoint_url=endpoint, s3_access_key_id="test",
+        s3_secret_access_key="test", **kw,
+    )
+
+
+def test_s3_storage_against_a_real_s3_server(s3_endpoint, s3_buckets):
+    client, (upload, extra) = s3_buckets
+    storage = S3Storage(_s3_settings(s3_endpoint, upload, extra))
+    info = storage.put(upload, "dir/x y.jpg", b"abc", content_type="image/jpeg")
+    assert info.etag
+    assert storage.head(upload, "dir/x y.jpg").size == 3
+    assert storage.get(upload, "dir/x y.jpg", max_bytes=3) == b"abc"
+    client.put_object(Bucket=extra, Key="k.png", Body=b"0123456789")
+    with pytest.raises(ObjectTooLarge):
+        storage.get(extra, "k.png", max_bytes=5)
+    with pytest.raises(ObjectNotFound):
+        storage.get(upload, "nope.jpg", max_bytes=5)
+    with pytest.raises(BucketNotAllowed):
+        storage.get("not-configured", "k.png", max_bytes=5)
+    storage.check()
+
+
+def test_s3_storage_unreachable_endpoint_is_transient():
+    from tests.conftest import free_port
+
+    storage = S3Storage(
+        _s3_settings(f"http://127.0.0.1:{free_port()}", "b", s3_max_attempts=1, s3_connect_timeout_s=0.5)
+    )
+    with pytest.raises(StorageUnavailable):
+        storage.get("b", "k.jpg", max_bytes=10)
