@@ -40,7 +40,7 @@ def _storage_error(exc: StorageError) -> ApiError:
         "bucket_not_allowed": status.HTTP_403_FORBIDDEN,
         "invalid_key": status.HTTP_400_BAD_REQUEST,
         "object_not_found": status.HTTP_404_NOT_FOUND,
-        "too_large": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
     }.get(exc.reason, status.HTTP_502_BAD_GATEWAY)
     return ApiError(code, exc.reason, str(exc))
 
@@ -76,7 +76,7 @@ def upload_image(
         probe = probe_image(data, limits)
     except ImageRejected as exc:
         code = {
-            "too_large": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
             "not_an_image": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
         }.get(exc.reason, status.HTTP_400_BAD_REQUEST)
         raise ApiError(code, exc.reason, exc.detail) from exc
@@ -119,7 +119,7 @@ def register_image(
         raise _storage_error(exc) from exc
     if info.size > settings.max_upload_bytes:
         raise ApiError(
-            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "too_large",
+            status.HTTP_413_CONTENT_TOO_LARGE, "too_large",
             f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}",
         )
     [recorded] = record_items(
