@@ -1,0 +1,372 @@
+"""``dfmod bench``: throughput and latency of the real pipeline on this machine, printed as a table.
+
+Four measurements, each through the production code path:
+
+* model-only: :class:`~dfmod.detector.Predictor` on preprocessed tensors at the configured batch size;
+* end-to-end: N images already in an S3 server, recorded and enqueued at once, drained by a real
+  ``dfmod worker`` process (fetch -> decode -> batch -> infer -> write verdicts);
+* unbatched: the same with batching disabled (one task = one forward pass);
+* latency: uploads through a real ``dfmod api`` process at a fixed offered rate, p50/p99 from upload to
+  verdict.
+
+Backends come from the ``DFMOD_*`` environment like everywhere else; where none is configured the bench
+uses a throw-away SQLite database, the embedded broker and a ``moto_server`` S3 endpoint it starts itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+
+@dataclass
+class BenchResult:
+    model_only_img_s: float
+    end_to_end_img_s: float
+    unbatched_img_s: float
+    p50_ms: float
+    p99_ms: float
+    batch_size: int
+    device: str
+    images: int
+    unbatched_images: int
+    latency_rate_img_s: float
+    latency_samples: int
+    backends: dict
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
+    """Textured JPEGs (quality 90, like the face data) so decode cost and file size are realistic."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        noise = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
+        image = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC).filter(ImageFilter.SMOOTH)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def folder_jpegs(folder: Path, count: int) -> list[bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise typer.BadParameter(f"no images under {folder}")
+    return [files[i % len(files)].read_bytes() for i in range(count)]
+
+
+@contextmanager
+def _moto_server() -> Iterator[str]:
+    executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if executable is None:
+        raise RuntimeError("no S3 endpoint configured and moto_server is not installed (pip install 'moto[server]')")
+    port = _free_port()
+    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class _Process:
+    def __init__(self, args: list[str], env: dict, log: Path, ready: bytes | None = None, port: int | None = None) -> None:
+        self.log = log
+        self.handle = open(log, "ab")
+        self.process = subprocess.Popen(args, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{args[3]} exited at start:\n{log.read_text()[-3000:]}")
+            if ready and ready in log.read_bytes():
+                return
+            if port:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{args} not ready:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.handle.close()
+
+
+def _model_only(settings, batch_size: int, seconds: float) -> tuple[float, str]:
+    import numpy as np
+
+    from dfmod.detector import Predictor
+
+    predictor = Predictor(settings.checkpoint, device=settings.device, torch_threads=settings.torch_threads)
+    arrays = list(np.random.default_rng(0).standard_normal((batch_size, *predictor.meta.input_size), dtype=np.float32))
+    for _ in range(2):
+        predictor.predict_arrays(arrays)
+    if predictor.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done < 3 * batch_size:
+        predictor.predict_arrays(arrays)
+        done += batch_size
+    return done / (time.perf_counter() - started), predictor.device
+
+
+def _count_finished(factory, ids: list[str]) -> int:
+    from sqlalchemy import func, select
+
+    from dfmod.db import Item, ItemStatus
+
+    with factory() as session:
+        return session.scalar(
+            select(func.count()).where(Item.id.in_(ids), Item.status.in_([ItemStatus.classified, ItemStatus.failed]))
+        )
+
+
+def _drain(settings, factory, celery_app, storage, images: list[bytes], prefix: str, timeout: float) -> float:
+    """Put the images in storage, record and enqueue them at once; seconds until all have verdicts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dfmod.db import session_scope
+    from dfmod.items import NewItem, record_items
+    from dfmod.queue import enqueue
+
+    keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(images))]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: storage.put(settings.upload_bucket, kv[0], kv[1], "image/jpeg"), zip(keys, images)))
+    with session_scope(factory) as session:
+        recorded = record_items(session, [NewItem(bucket=settings.upload_bucket, key=key, source="bench") for key in keys])
+    ids = [r.item.id for r in recorded]
+    started = time.perf_counter()
+    enqueue(celery_app, settings, ids)
+    deadline = started + timeout
+    while _count_finished(factory, ids) < len(ids):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{prefix}: only {_count_finished(factory, ids)}/{len(ids)} finished in {timeout}s")
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
+def _latency(api_port: int, factory, images: list[bytes], rate: float, seconds: float) -> list[float]:
+    """Open-loop uploads at ``rate``/s for ``seconds``; upload-to-verdict latency of each, in ms."""
+    import httpx
+    from sqlalchemy import select
+
+    from dfmod.db import Item
+
+    sent: dict[str, float] = {}
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def upload(index: int) -> None:
+        t0 = time.time()
+        try:
+            response = client.post("/v1/images", files={"file": (f"{index}.jpg", images[index % len(images)], "image/jpeg")})
+            response.raise_for_status()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(str(exc))
+            return
+        with lock:
+            sent[response.json()["id"]] = t0
+
+    total = max(1, int(rate * seconds))
+    threads = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+        started = time.perf_counter()
+        for index in range(total):
+            # Open loop: send on schedule whether or not earlier requests have finished.
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            thread = threading.Thread(target=upload, args=(index,))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} uploads failed, e.g. {errors[0]}")
+    deadline = time.monotonic() + 120
+    while _count_finished(factory, list(sent)) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with factory() as session:
+        rows = session.execute(select(Item.id, Item.classified_at).where(Item.id.in_(list(sent)))).all()
+    return sorted(
+        (classified_at.timestamp() - sent[item_id]) * 1000.0 for item_id, classified_at in rows if classified_at
+    )
+
+
+def run_bench(
+    images: int, unbatched_images: int, latency_seconds: float, rate: Optional[float], model_seconds: float,
+    images_from: Optional[Path], progress=print,
+) -> BenchResult:
+    from dfmod import migrate
+    from dfmod.db import make_engine, make_session_factory
+    from dfmod.queue import make_celery
+    from dfmod.settings import Settings
+    from dfmod.storage import make_storage
+
+    base = Settings()
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dfmod-bench-")))
+        overrides: dict = {"data_dir": workdir, "metrics_port": None}
+        if not base.database_url:
+            overrides["database_url"] = f"sqlite:///{workdir}/bench.db"
+        if not base.storage_is_s3:
+            endpoint = stack.enter_context(_moto_server())
+            overrides.update(
+                storage_url=f"s3://bench-{uuid.uuid4().hex[:6]}", s3_endpoint_url=endpoint,
+                s3_access_key_id="bench", s3_secret_access_key="bench",
+            )
+        if base.broker_url:
+            overrides["queue"] = f"dfmod-bench-{uuid.uuid4().hex[:6]}"  # never mix with a live queue
+        settings = Settings(**{**base.model_dump(), **overrides})
+        if not base.database_url:
+            migrate.upgrade(settings)
+        storage = make_storage(settings)
+        if overrides.get("storage_url"):
+            storage.client.create_bucket(Bucket=settings.upload_bucket)
+        factory = make_session_factory(make_engine(settings.resolved_database_url))
+        celery_app = make_celery(settings)
+        backends = {
+            "database": settings.resolved_database_url.split(":", 1)[0],
+            "broker": settings.resolved_broker_url.split(":", 1)[0],
+            "storage": "s3 (moto_server)" if overrides.get("s3_endpoint_url") else "s3",
+        }
+
+        progress(f"model-only throughput at batch {settings.batch_size} ...")
+        model_img_s, device = _model_only(settings, settings.batch_size, model_seconds)
+
+        pool = images_from and folder_jpegs(images_from, max(images, unbatched_images))
+        pool = pool or synthetic_jpegs(max(images, unbatched_images, 64))
+        env = {**os.environ, **_env_for(settings)}
+        cli = [sys.executable, "-m", "dfmod"]
+
+        progress(f"end-to-end: {images} images through a batched worker ...")
+        worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
+        try:
+            _drain(settings, factory, celery_app, storage, pool[:8], "warmup", 120)
+            e2e_s = _drain(settings, factory, celery_app, storage, pool[:images], "e2e", 600)
+            e2e_img_s = images / e2e_s
+
+            progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
+            offered = rate or max(1.0, round(0.5 * e2e_img_s, 1))
+            api_port = _free_port()
+            api = _Process([*cli, "api", "--port", str(api_port), "--log-level", "warning"], env, workdir / "api.log", port=api_port)
+            try:
+                latencies = _latency(api_port, factory, pool, offered, latency_seconds)
+            finally:
+                api.stop()
+        finally:
+            worker.stop()
+
+        progress(f"unbatched: {unbatched_images} images, one task = one forward pass ...")
+        unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
+        worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
+        try:
+            _drain(settings, factory, celery_app, storage, pool[-4:], "warmup1", 120)
+            unbatched_s = _drain(settings, factory, celery_app, storage, pool[:unbatched_images], "unbatched", 600)
+        finally:
+            worker.stop()
+
+    def percentile(values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+    return BenchResult(
+        model_only_img_s=round(model_img_s, 2), end_to_end_img_s=round(e2e_img_s, 2),
+        unbatched_img_s=round(unbatched_images / unbatched_s, 2), p50_ms=round(percentile(latencies, 50), 1),
+        p99_ms=round(percentile(latencies, 99), 1), batch_size=settings.batch_size, device=device, images=images,
+        unbatched_images=unbatched_images, latency_rate_img_s=offered, latency_samples=len(latencies), backends=backends,
+    )
+
+
+def _env_for(settings) -> dict[str, str]:
+    """The settings as DFMOD_* variables, so child processes see exactly what the bench uses."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None or name == "allowed_buckets":
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"DFMOD_{name.upper()}"] = str(value)
+    env["DFMOD_METRICS_PORT"] = str(_free_port())
+    return env
+
+
+def bench_command(
+    images: int = typer.Option(256, help="Images for the end-to-end run."),
+    unbatched_images: int = typer.Option(64, help="Images for the unbatched run."),
+    latency_seconds: float = typer.Option(20.0, help="Duration of the fixed-rate latency run."),
+    rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: half the end-to-end throughput)."),
+    model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
+    images_from: Optional[Path] = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
+    say = (lambda message: print(message, file=sys.stderr)) if as_json else print
+    result = run_bench(images, unbatched_images, latency_seconds, rate, model_seconds, images_from, progress=say)
+    if as_json:
+        print(json.dumps(result.__dict__, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dfmod bench — {result.device}, batch {result.batch_size}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_column("notes")
+    ratio = result.end_to_end_img_s / result.model_only_img_s if result.model_only_img_s else float("nan")
+    speedup = result.end_to_end_img_s / result.unbatched_img_s if result.unbatched_img_s else float("nan")
+    table.add_row("model-only", f"{result.model_only_img_s:.1f} img/s", "preprocessed tensors, forward pass only")
+    table.add_row("end-to-end (batched)", f"{result.end_to_end_img_s:.1f} img/s", f"{result.images} images; {ratio:.0%} of model-only")
+    table.add_row("end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s", f"{result.unbatched_images} images; batched is {speedup:.1f}x")
+    table.add_row("upload→verdict p50", f"{result.p50_ms:.0f} ms", f"{result.latency_samples} uploads at {result.latency_rate_img_s} img/s")
+    table.add_row("upload→verdict p99", f"{result.p99_ms:.0f} ms", "")
+    table.add_row("backends", ", ".join(f"{k}={v}" for k, v in result.backends.items()), "")
+    Console().print(table)
