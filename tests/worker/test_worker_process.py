@@ -88,3 +88,34 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(integratio
     assert finished, counts
     total, distinct_items, _ = _verdict_stats(integration_settings)
     assert total == distinct_items == count  # every item once: nothing lost, nothing twice
+
+
+def test_s3_events_in_aws_and_minio_shapes_end_in_verdicts(integration_settings, s3_buckets, worker_factory):
+    """Objects land in a bucket, the notification (duplicated, URL-encoded key) reaches the API, a worker classifies."""
+    from urllib.parse import quote_plus
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    client_s3, (upload, extra) = s3_buckets
+    keys = {"aws": (extra, "user 1/a+b photo.jpg"), "minio": (upload, "incoming/ünï code.jpg")}
+    for bucket, key in keys.values():
+        client_s3.put_object(Bucket=bucket, Key=key, Body=make_image_bytes(size=(200, 200), color=(len(key) * 9, 10, 99)))
+    aws = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": keys["aws"][0]},
+           "object": {"key": quote_plus(keys["aws"][1], safe="/"), "eTag": "e-aws", "size": 1}}}] * 2}
+    minio = {"EventName": "s3:ObjectCreated:Put", "Records": [{"eventName": "s3:ObjectCreated:Put", "s3": {
+        "bucket": {"name": keys["minio"][0]}, "object": {"key": quote_plus(keys["minio"][1], safe="/"), "eTag": "e-minio"}}}]}
+    worker_factory()
+    with TestClient(create_app(integration_settings)) as api:
+        assert api.post("/v1/events/s3", json=aws, headers={"Authorization": "Bearer event-secret"}).json()["accepted"] == 1
+        assert api.post("/v1/events/s3", json=minio, headers={"Authorization": "event-secret"}).json()["accepted"] == 1
+        assert api.post("/v1/events/s3", json=aws, headers={"Authorization": "Bearer event-secret"}).json()["duplicates"] == 2
+    done = _wait_for(lambda: _status_counts(integration_settings).get(ItemStatus.classified, 0) == 2, 60)
+    assert done, _status_counts(integration_settings)
+    factory = make_session_factory(make_engine(integration_settings.resolved_database_url))
+    with session_scope(factory) as session:
+        classified = {(item.bucket, item.key) for item in session.scalars(select(Item))}
+    assert classified == set(keys.values())
+    total, distinct_items, _ = _verdict_stats(integration_settings)
+    assert total == distinct_items == 2
