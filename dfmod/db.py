@@ -1,4 +1,4 @@
-"""Database models and sessions: the source of truth for every item and verdict.
+"""Database models and sessions: the source of truth for every item, verdict, review, API key and callback.
 
 The queue only carries item ids; what an item is, where its bytes live and what the model said about it
 lives here. Writes are idempotent by construction: an item is unique on (bucket, key, version) and a
@@ -16,6 +16,7 @@ from typing import Iterator
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import TypeDecorator
@@ -89,6 +91,8 @@ class Item(Base):
         Index("ix_items_status_updated", "status", "updated_at"),
         Index("ix_items_sha256", "sha256"),
         Index("ix_items_created", "created_at", "id"),
+        Index("ix_items_score", "score", "id"),
+        Index("ix_items_decision_score", "decision", "score"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -114,8 +118,26 @@ class Item(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     classified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    # The newest verdict, copied here by the worker so reviewers can filter, sort and page on one table
+    # with one index instead of joining and ranking verdicts per item.
+    score: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(16))
+    threshold: Mapped[float | None] = mapped_column(Float)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    # The current review decision: that of the latest review that was not retracted (reviews table).
+    decision: Mapped[str | None] = mapped_column(String(32))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    # Review-queue lease: who claimed the item and until when (see dfmod.review.claim_items).
+    claimed_key_id: Mapped[str | None] = mapped_column(String(36))
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
     verdicts: Mapped[list["Verdict"]] = relationship(
         back_populates="item", order_by="Verdict.created_at", cascade="all, delete-orphan"
+    )
+    reviews: Mapped[list["Review"]] = relationship(
+        back_populates="item", order_by="Review.id", cascade="all, delete-orphan"
     )
 
 
@@ -143,6 +165,76 @@ class Verdict(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
 
     item: Mapped[Item] = relationship(back_populates="verdicts")
+
+
+class ApiKey(Base):
+    """An API key: a name, its scopes and the SHA-256 of the key (the key itself is shown once, never stored)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        # A name names one live key; revoked keys keep theirs for the history of who reviewed what.
+        Index(
+            "uq_api_keys_active_name", "name", unique=True,
+            postgresql_where=text("revoked_at IS NULL"), sqlite_where=text("revoked_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    scopes: Mapped[str] = mapped_column(String(255))  # comma-separated, sorted
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    @property
+    def scope_set(self) -> frozenset[str]:
+        return frozenset(part for part in self.scopes.split(",") if part)
+
+
+class Review(Base):
+    """One reviewer decision on one item. Append-only: a retraction is a new row pointing at the one it undoes."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_item", "item_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    decision: Mapped[str] = mapped_column(String(32))  # confirmed_fake, overturned_real, escalated, retracted
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(255))  # the key's name when the review was made
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    retracts_id: Mapped[int | None] = mapped_column(Integer)
+    # The model's view at decision time, so agreement statistics survive later re-classification.
+    model_label: Mapped[str | None] = mapped_column(String(16))
+    model_score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    item: Mapped[Item] = relationship(back_populates="reviews")
+
+
+class CallbackDelivery(Base):
+    """One HTTP attempt to deliver one callback event: the audit trail of what platforms were told."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (
+        Index("ix_callback_deliveries_event", "event_id", "attempt"),
+        Index("ix_callback_deliveries_item", "item_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_type: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[str] = mapped_column(String(36))
+    url: Mapped[str] = mapped_column(String(2048))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)  # delivered, or given up on
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # --- engine and sessions ---------------------------------------------------------------------------

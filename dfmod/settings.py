@@ -96,6 +96,36 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
+    events_queue: str = Field(
+        "dfmod-events",
+        description="Celery queue for callback deliveries and heatmaps; `dfmod worker` consumes it too, so the "
+        "classify queue length (what the autoscaler reads) counts classify tasks only.",
+    )
+
+    # --- review ------------------------------------------------------------------------------------
+    review_band: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Items scoring within this much below their verdict's threshold go to the review queue too.",
+    )
+    claim_lease_s: int = Field(300, ge=10, description="How long a claimed review item stays reserved to its reviewer.")
+    claim_max: int = Field(50, ge=1, description="Most items one claim may hand out.")
+    image_link_ttl_s: int = Field(300, ge=10, description="Lifetime of the signed image/heatmap links the API hands out.")
+
+    # --- verdict callbacks -------------------------------------------------------------------------
+    callback_url: str | None = Field(None, description="URL that receives every verdict and review event.")
+    callback_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object source -> URL, e.g. {"platform-x": "https://x.example/hook"}; wins over callback_url.',
+    )
+    callback_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key that signs every callback; required when a callback URL is set."
+    )
+    callback_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of a callback POST.")
+    callback_max_attempts: int = Field(8, ge=1, description="Attempts per event before delivery gives up.")
+    callback_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each attempt (with jitter).")
+    callback_backoff_max_s: float = Field(
+        300.0, gt=0, description="Longest retry delay (kept below the broker's visibility timeout)."
+    )
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod
@@ -110,7 +140,21 @@ class Settings(BaseSettings):
             raise ValueError("DFMOD_DATABASE_URL must be postgresql+psycopg://... or sqlite:///...")
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
             raise ValueError("DFMOD_BROKER_URL must be redis://..., rediss://... or filesystem://")
+        for url in [self.callback_url, *self.callback_urls.values()]:
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"callback URLs must be http(s)://...; got {url!r}")
+        if (self.callback_url or self.callback_urls) and self.callback_secret is None:
+            # Unsigned callbacks would let anyone who learns the URL forge verdicts.
+            raise ValueError("DFMOD_CALLBACK_SECRET is required when DFMOD_CALLBACK_URL(S) is set")
         return self
+
+    @property
+    def callbacks_enabled(self) -> bool:
+        return bool(self.callback_url or self.callback_urls)
+
+    def callback_url_for(self, source: str) -> str | None:
+        """The URL that hears about items from ``source``: its own, else the global one, else none."""
+        return self.callback_urls.get(source, self.callback_url)
 
     # --- resolved backends -------------------------------------------------------------------------
     @property
