@@ -3,6 +3,9 @@
 Every ingest path does the same three things and nothing more: validate cheaply (headers, sizes, buckets,
 keys), record the item in the database (idempotently), enqueue its id. Classification happens in the
 workers; the API never loads the model.
+
+Uploads and registrations need a key with the ``ingest`` scope; reading an item's status needs ``ingest``
+or ``review``; S3 notifications authenticate with their own token (``DFMOD_S3_EVENT_TOKEN``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from api.auth import IngestKey, ReadKey
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
@@ -63,6 +67,7 @@ def _accepted_response(request: Request, recorded) -> JSONResponse:
 )
 def upload_image(
     request: Request,
+    _key: IngestKey,
     settings: SettingsDep,
     session: SessionDep,
     storage: StorageDep,
@@ -109,7 +114,7 @@ def upload_image(
     summary="Classify an object already stored in a configured bucket",
 )
 def register_image(
-    request: Request, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    request: Request, _key: IngestKey, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
     celery: CeleryDep,
 ):
     try:
@@ -242,7 +247,7 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
 
 
 @router.get("/images/{item_id}", response_model=ItemOut, responses={404: {}}, summary="An item's status and verdict")
-def get_image(item_id: str, session: SessionDep) -> ItemOut:
+def get_image(item_id: str, _key: ReadKey, session: SessionDep) -> ItemOut:
     item = session.scalars(select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts))).first()
     if item is None:
         raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")

@@ -192,7 +192,7 @@ def _drain(settings, factory, celery_app, storage, images: list[bytes], prefix: 
     return time.perf_counter() - started
 
 
-def _latency(api_port: int, factory, images: list[bytes], rate: float, seconds: float) -> list[float]:
+def _latency(api_port: int, factory, images: list[bytes], rate: float, seconds: float, api_key: str) -> list[float]:
     """Open-loop uploads at ``rate``/s for ``seconds``; upload-to-verdict latency of each, in ms."""
     import httpx
     from sqlalchemy import select
@@ -216,7 +216,8 @@ def _latency(api_port: int, factory, images: list[bytes], rate: float, seconds: 
 
     total = max(1, int(rate * seconds))
     threads = []
-    with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30, headers=headers) as client:
         started = time.perf_counter()
         for index in range(total):
             # Open loop: send on schedule whether or not earlier requests have finished.
@@ -238,6 +239,15 @@ def _latency(api_port: int, factory, images: list[bytes], rate: float, seconds: 
     return sorted(
         (classified_at.timestamp() - sent[item_id]) * 1000.0 for item_id, classified_at in rows if classified_at
     )
+
+
+def _bench_key(factory) -> str:
+    """An ingest key for the latency phase, created directly in the bench's database."""
+    from dfmod.db import session_scope
+    from dfmod.keys import create_key
+
+    with session_scope(factory) as session:
+        return create_key(session, f"bench-{uuid.uuid4().hex[:8]}", ["ingest"]).plaintext
 
 
 def run_bench(
@@ -298,7 +308,7 @@ def run_bench(
             api_port = _free_port()
             api = _Process([*cli, "api", "--port", str(api_port), "--log-level", "warning"], env, workdir / "api.log", port=api_port)
             try:
-                latencies = _latency(api_port, factory, pool, offered, latency_seconds)
+                latencies = _latency(api_port, factory, pool, offered, latency_seconds, _bench_key(factory))
             finally:
                 api.stop()
         finally:

@@ -1,5 +1,5 @@
-"""The ``dfmod`` command line: run the API, the workers, migrations, the embedded stack, training, evaluation
-and benchmarks.
+"""The ``dfmod`` command line: run the API, the workers, migrations, the embedded stack, API keys, training,
+evaluation and benchmarks.
 
 Each command reads :class:`~dfmod.settings.Settings` from the environment once and passes it down; heavy
 imports (torch, timm) happen inside the commands that need them so ``dfmod --help`` stays instant.
@@ -110,6 +110,84 @@ def sweep() -> None:
     typer.echo(f"re-enqueued {count} item(s)")
 
 
+keys_app = typer.Typer(
+    help="API keys: create (printed once), list, revoke. Scopes: ingest, review, admin.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_session():
+    from dfmod import migrate as migrations
+    from dfmod.db import make_engine, make_session_factory, session_scope
+
+    settings = _settings()
+    current = migrations.current_revision(settings.resolved_database_url)
+    if current != migrations.head_revision():
+        _fail(f"the database is at revision {current}, not {migrations.head_revision()}: run `dfmod migrate` first")
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    return engine, session_scope(make_session_factory(engine))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="Who or what holds the key; reviews are signed with it."),
+    scope: list[str] = typer.Option(..., "--scope", help="ingest, review or admin; repeat for several."),
+) -> None:
+    """Create a key and print it. It is shown this once: only its hash is stored."""
+    from dfmod.keys import KeyProblem, create_key
+
+    engine, scope_ctx = _key_session()
+    try:
+        with scope_ctx as session:
+            created = create_key(session, name, [part for value in scope for part in value.split(",")])
+            summary = f"created key {created.key.name!r} (id {created.key.id}, scopes {created.key.scopes})"
+    except KeyProblem as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo(summary, err=True)
+    typer.echo(created.plaintext)
+
+
+@keys_app.command("list")
+def keys_list(all_keys: bool = typer.Option(False, "--all", help="Include revoked keys.")) -> None:
+    """List keys: id, name, scopes, prefix, created, last used (never the keys themselves)."""
+    from dfmod.keys import list_keys
+
+    engine, scope_ctx = _key_session()
+    try:
+        with scope_ctx as session:
+            rows = [
+                (k.id, k.name, k.scopes, k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
+                 f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never",
+                 f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active")
+                for k in list_keys(session, include_revoked=all_keys)
+            ]
+    finally:
+        engine.dispose()
+    header = ("ID", "NAME", "SCOPES", "PREFIX", "CREATED", "LAST USED", "STATE")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_id: str = typer.Argument(..., help="The key's id or name.")) -> None:
+    """Revoke a key: requests with it get 401 from now on, and its image links stop working."""
+    from dfmod.keys import KeyProblem, revoke_key
+
+    engine, scope_ctx = _key_session()
+    try:
+        with scope_ctx as session:
+            key = revoke_key(session, name_or_id)
+            message = f"revoked key {key.name!r} (id {key.id})"
+    except KeyProblem as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo(message)
+
+
 @app.command()
 def up(
     host: str = typer.Option("127.0.0.1", help="Interface for the API."),
@@ -134,6 +212,7 @@ def up(
     # The embedded stack is a single-user, single-machine setup: migrating here is the documented first-run
     # step. Production runs `dfmod migrate` as a separate job and never migrates at start-up.
     migrations.upgrade(settings)
+    api_key = _up_key(settings)
 
     child_env = dict(os.environ, DFMOD_DATA_DIR=str(settings.data_dir.resolve()))
     worker_process = subprocess.Popen([sys.executable, "-m", "dfmod", "worker"], env=child_env)
@@ -150,8 +229,11 @@ def up(
     typer.secho(
         f"\ndfmod is up: API {base}  (model {meta.model_version}, threshold {meta.threshold:.3f})\n"
         f"  data:     {settings.data_dir.resolve()}\n"
-        f"  upload:   curl -F file=@face.jpg {base}/v1/images\n"
-        f"  verdict:  curl {base}/v1/images/ID\n",
+        f"  key:      {api_key}\n"
+        f"            (every scope; a new one each start. `dfmod keys create` makes lasting, narrower keys)\n"
+        f"  upload:   curl -H 'Authorization: Bearer {api_key}' -F file=@face.jpg {base}/v1/images\n"
+        f"  verdict:  curl -H 'Authorization: Bearer {api_key}' {base}/v1/images/ID\n"
+        f"  review:   {base}/review  (sign in with the key)\n",
         fg=typer.colors.GREEN,
     )
     import uvicorn
@@ -165,6 +247,22 @@ def up(
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
         _stop_worker()
+
+
+def _up_key(settings) -> str:
+    """A key with every scope for this run of ``dfmod up``, printed like a notebook server's token.
+
+    The previous run's key is revoked: a key printed to a terminal should not outlive the process.
+    """
+    from dfmod.db import make_engine, make_session_factory, session_scope
+    from dfmod.keys import SCOPES, rotate_key
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return rotate_key(session, "dfmod-up", SCOPES).plaintext
+    finally:
+        engine.dispose()
 
 
 def _register_optional_commands() -> None:

@@ -111,7 +111,9 @@ def clean_postgres(postgres_url) -> str:
 
     engine = create_engine(postgres_url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE verdicts, items RESTART IDENTITY CASCADE"))
+        connection.execute(
+            text("TRUNCATE verdicts, reviews, callback_deliveries, api_keys, items RESTART IDENTITY CASCADE")
+        )
     engine.dispose()
     return postgres_url
 
@@ -253,3 +255,69 @@ def worker_factory(integration_env, tmp_path):
     yield start
     for worker in started:
         worker.stop(sig=9)
+
+
+# --- API keys --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_api_key(integration_settings):
+    """Create API keys in the test database: ``make_api_key("ingest", "review", name=...)`` returns the key."""
+    from dfmod.db import make_engine, make_session_factory, session_scope
+    from dfmod.keys import create_key
+
+    engine = make_engine(integration_settings.resolved_database_url, pool_size=1)
+    factory = make_session_factory(engine)
+
+    def make(*scopes: str, name: str | None = None) -> str:
+        with session_scope(factory) as session:
+            return create_key(session, name or f"test-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}", scopes).plaintext
+
+    yield make
+    engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def seed_items(settings, specs: list[dict]) -> list[str]:
+    """Insert items as the worker leaves them, without running the model; returns their ids in order.
+
+    Each spec may set ``score`` (None: not classified), ``threshold`` (0.5), ``model_version`` ("m1"),
+    ``source``, ``status``, ``created_at``, ``key`` and ``bucket``; a scored item gets a matching verdict row.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope
+
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    base = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+    ids = []
+    with session_scope(make_session_factory(engine)) as session:
+        for index, spec in enumerate(specs):
+            score = spec.get("score")
+            threshold = spec.get("threshold", 0.5)
+            version = spec.get("model_version", "m1")
+            created = spec.get("created_at", base + timedelta(minutes=index))
+            status = spec.get("status", "classified" if score is not None else "queued")
+            item = Item(
+                id=spec.get("id", new_id()), bucket=spec.get("bucket", settings.upload_bucket),
+                key=spec.get("key", f"seed/{uuid.uuid4().hex}.jpg"), version="", source=spec.get("source", "upload"),
+                ingest="upload", status=ItemStatus(status), attempts=1, created_at=created, updated_at=created,
+                score=score, threshold=threshold if score is not None else None,
+                label=None if score is None else ("fake" if score >= threshold else "real"),
+                model_version=version if score is not None else None,
+                classified_at=created if score is not None else None,
+            )
+            session.add(item)
+            if score is not None:
+                session.add(
+                    Verdict(
+                        item=item, label=item.label, fake_probability=score, threshold=threshold,
+                        model_version=version, created_at=created,
+                    )
+                )
+            ids.append(item.id)
+    engine.dispose()
+    return ids

@@ -13,15 +13,16 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from dfmod.settings import Settings
 
-from tests.conftest import make_image_bytes
+from tests.conftest import bearer, make_image_bytes
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer event-secret"}
 
 
 @pytest.fixture
-def client(integration_settings):
-    with TestClient(create_app(integration_settings)) as test_client:
+def client(integration_settings, make_api_key):
+    # An ingest key on every request; the S3-event tests replace it with their event token.
+    with TestClient(create_app(integration_settings), headers=bearer(make_api_key("ingest"))) as test_client:
         yield test_client
 
 
@@ -87,9 +88,9 @@ def test_bad_uploads_get_a_clear_json_error(client, integration_settings, payloa
     assert _queue_length(integration_settings) == 0
 
 
-def test_upload_over_the_size_limit_is_413(integration_settings):
+def test_upload_over_the_size_limit_is_413(integration_settings, make_api_key):
     settings = integration_settings.model_copy(update={"max_upload_bytes": 1000})
-    with TestClient(create_app(settings)) as small:
+    with TestClient(create_app(settings), headers=bearer(make_api_key("ingest"))) as small:
         response = small.post("/v1/images", files={"file": ("x.png", make_image_bytes("PNG", size=(400, 400)), "image/png")})
     assert response.status_code == 413 and response.json()["error"] == "too_large"
 

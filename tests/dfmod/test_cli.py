@@ -4,6 +4,7 @@ upload; and the CLI fails loudly without a model."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,14 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
     )
     try:
         wait_for_port(port, timeout=90)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        # `dfmod up` prints a key with every scope, as a notebook server prints its token.
+        banner = re.search(r"key:\s+(dfmod_\S+)", (tmp_path / "up.log").read_text(errors="replace"))
+        assert banner, (tmp_path / "up.log").read_text()[-3000:]
+        headers = {"Authorization": f"Bearer {banner.group(1)}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as anonymous:
+            assert anonymous.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")}).status_code == 401
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client:
+            assert client.get("/v1/whoami").json()["scopes"] == ["admin", "ingest", "review"]
             accepted = client.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")})
             assert accepted.status_code == 202, accepted.text
             item_id = accepted.json()["id"]
