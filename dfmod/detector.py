@@ -145,6 +145,7 @@ def save_checkpoint(model, meta: ModelMeta, path: Path, half: bool = False) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata={"dfmod": meta.to_json()})
+    os.chmod(tmp, 0o644)  # workers often run as another user than the trainer
     os.replace(tmp, path)  # never leave a half-written checkpoint where a worker may load it
     return path
 
