@@ -265,24 +265,12 @@ def _up_key(settings) -> str:
         engine.dispose()
 
 
-def _register_optional_commands() -> None:
-    """Training/evaluation and benchmarks live in their own modules; register them if present."""
-    try:
-        from dfmod.training.cli import evaluate_command, train_command
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        app.command("train")(train_command)
-        app.command("evaluate")(evaluate_command)
-    try:
-        from dfmod.bench import bench_command
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        app.command("bench")(bench_command)
+from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
+from dfmod.training.cli import evaluate_command, train_command  # noqa: E402
 
-
-_register_optional_commands()
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point
