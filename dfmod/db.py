@@ -197,7 +197,11 @@ class Review(Base):
     """One reviewer decision on one item. Append-only: a retraction is a new row pointing at the one it undoes."""
 
     __tablename__ = "reviews"
-    __table_args__ = (Index("ix_reviews_item", "item_id", "id"),)
+    __table_args__ = (
+        Index("ix_reviews_item", "item_id", "id"),
+        # A client retrying a decision (Idempotency-Key) gets the first review back, not a second one.
+        UniqueConstraint("key_id", "request_id", name="uq_reviews_key_request"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
@@ -206,6 +210,7 @@ class Review(Base):
     reviewer: Mapped[str] = mapped_column(String(255))  # the key's name when the review was made
     key_id: Mapped[str | None] = mapped_column(String(36))
     retracts_id: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(64))
     # The model's view at decision time, so agreement statistics survive later re-classification.
     model_label: Mapped[str | None] = mapped_column(String(16))
     model_score: Mapped[float | None] = mapped_column(Float)

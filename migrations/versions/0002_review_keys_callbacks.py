@@ -71,11 +71,13 @@ def upgrade() -> None:
         sa.Column("reviewer", sa.String(length=255), nullable=False),
         sa.Column("key_id", sa.String(length=36), nullable=True),
         sa.Column("retracts_id", sa.Integer(), nullable=True),
+        sa.Column("request_id", sa.String(length=64), nullable=True),
         sa.Column("model_label", sa.String(length=16), nullable=True),
         sa.Column("model_score", sa.Float(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["item_id"], ["items.id"], name=op.f("fk_reviews_item_id_items"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_reviews")),
+        sa.UniqueConstraint("key_id", "request_id", name="uq_reviews_key_request"),
     )
     op.create_index("ix_reviews_item", "reviews", ["item_id", "id"], unique=False)
 
