@@ -1,7 +1,9 @@
 """The Celery application shared by producers (API, sweep) and consumers (workers).
 
 Producers only ever call :func:`enqueue`, which sends a task by name with an item id: they never import
-the worker's code, so the API stays free of torch. The broker is Redis in production and kombu's
+the worker's code, so the API stays free of torch. Callback deliveries and heatmaps (:func:`send_events`)
+go to a second queue, ``events_queue``, so the classify queue's length stays a pure measure of
+classification work for the autoscaler. The broker is Redis in production and kombu's
 filesystem transport for the embedded default; both get bounded prefetch and late acknowledgement.
 """
 
@@ -17,6 +19,9 @@ from dfmod.settings import Settings
 logger = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "dfmod.classify"
+CALLBACK_TASK = "dfmod.callback"
+HEATMAP_TASK = "dfmod.heatmap"
+EVENT_TASKS = (CALLBACK_TASK, HEATMAP_TASK)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -42,7 +47,10 @@ def make_celery(settings: Settings) -> Celery:
         }
     app.conf.update(
         task_default_queue=settings.queue,
-        task_routes={CLASSIFY_TASK: {"queue": settings.queue}},
+        task_routes={
+            CLASSIFY_TASK: {"queue": settings.queue},
+            **{name: {"queue": settings.events_queue} for name in EVENT_TASKS},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -69,6 +77,19 @@ def enqueue(app: Celery, settings: Settings, item_ids: Iterable[str], countdown:
             app.send_task(
                 CLASSIFY_TASK, args=[item_id], queue=settings.queue, producer=producer, countdown=countdown,
                 retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
+            sent += 1
+    return sent
+
+
+def send_events(app: Celery, settings: Settings, task: str, calls: Iterable[list]) -> int:
+    """Send event tasks (callbacks, heatmaps) to ``events_queue``; each call's args are ids, never bytes."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for args in calls:
+            app.send_task(
+                task, args=list(args), queue=settings.events_queue, producer=producer, retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
             )
             sent += 1
     return sent

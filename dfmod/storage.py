@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,13 @@ def validate_key(key: str) -> str:
     if posixpath.normpath(key) != key.rstrip("/") or key.endswith("/"):
         raise InvalidKey("object keys must be normalised paths to a file")
     return key
+
+
+def heatmap_key(item_id: str, model_version: str) -> str:
+    """Where the Grad-CAM heatmap of an item under a model version is cached (in the upload bucket)."""
+    # Model versions are free text; keep the object key a plain, valid file name.
+    safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", model_version).strip(".") or "model"
+    return f"heatmaps/{item_id}/{safe_version}.png"
 
 
 class Storage(Protocol):

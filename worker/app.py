@@ -1,4 +1,4 @@
-"""The Celery worker: batched classify task, stuck-item sweep and metrics endpoint.
+"""The Celery worker: batched classify task, callback and heatmap tasks, stuck-item sweep and metrics endpoint.
 
 ``dfmod worker`` calls :func:`run_worker`. The model is loaded once, in the process that will use it
 (the solo and threads pools never fork, so CUDA is initialised after any fork could happen), before the
@@ -8,6 +8,9 @@ Batching is celery-batches: messages are buffered until ``batch_size`` of them a
 ``batch_wait_ms`` passed, then the whole buffer is handed to one task call. Prefetch is bounded to one
 batch (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
 worker killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
+
+Callback deliveries and heatmaps are ordinary (unbatched) tasks on ``events_queue``, which every worker
+consumes alongside the classify queue.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from celery_batches import Batches
 
 from dfmod.db import make_engine, make_session_factory
 from dfmod.items import sweep_stuck_items
-from dfmod.queue import CLASSIFY_TASK, make_celery
+from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 from worker.classify import BatchClassifier
+from worker.heatmap import HeatmapMaker
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     app = make_celery(settings)
     classifier = BatchClassifier(settings, factory, make_storage(settings), predictor, app)
     register_classify_task(app, settings, classifier)
+    register_event_tasks(app, settings, classifier)
     return WorkerRuntime(settings, app, classifier)
 
 
@@ -75,6 +80,23 @@ def register_classify_task(app: Celery, settings: Settings, classifier: BatchCla
                 logger.error("dropping malformed classify message %s: args=%r", request.id, request.args)
         if item_ids:
             classifier.run(item_ids)
+
+
+def register_event_tasks(app: Celery, settings: Settings, classifier: BatchClassifier) -> None:
+    from dfmod.callbacks import backoff_s, deliver
+
+    heatmaps = HeatmapMaker(settings, classifier.session_factory, classifier.storage, classifier.predictor)
+
+    @app.task(name=CALLBACK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+    def callback(self, event_type: str, item_id: str, ref: str) -> None:
+        attempt = self.request.retries + 1
+        result = deliver(settings, classifier.session_factory, event_type, item_id, ref, attempt)
+        if result.retry:
+            raise self.retry(countdown=backoff_s(attempt, settings))
+
+    @app.task(name=HEATMAP_TASK, acks_late=True, ignore_result=True)
+    def heatmap(item_id: str, model_version: str) -> None:
+        heatmaps.make(item_id, model_version)
 
 
 def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Thread:
@@ -106,7 +128,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None 
         f"--loglevel={loglevel}",
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
-        f"--queues={settings.queue}",
+        f"--queues={settings.queue},{settings.events_queue}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -7,7 +7,9 @@ This is the worker's whole job, kept apart from Celery so it can be called and t
 2. reuse the verdict of identical bytes (same sha256, same model version) where there is one;
 3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap);
 4. run the model once per ``batch_size`` chunk;
-5. write verdicts (``ON CONFLICT DO NOTHING``) and final statuses in one transaction.
+5. write verdicts (``ON CONFLICT DO NOTHING``) and final statuses in one transaction;
+6. if callbacks are configured, enqueue one ``verdict.created`` event (ids only) per item whose source has a
+   callback URL.
 
 A bad file fails its own item with a reason; a transient storage fault sends its item back to the queue
 with a delay; neither touches the other items of the batch.
@@ -29,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import metrics
+from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
 from dfmod.detector import Predictor, preprocess
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image
@@ -48,6 +51,7 @@ class Claimed:
     key: str
     sha256: str | None
     enqueued_at: datetime | None
+    source: str = ""
 
 
 @dataclass
@@ -128,6 +132,15 @@ class BatchClassifier:
         self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
 
         self._with_db_retry(lambda: self._persist(outcomes))
+        if self.settings.callbacks_enabled:
+            enqueue_events(
+                self.celery_app, self.settings,
+                [
+                    (EVENT_VERDICT, o.item.id, self.model_version)
+                    for o in outcomes
+                    if o.fake_probability is not None and self.settings.callback_url_for(o.item.source)
+                ],
+            )
         retry_ids = [o.item.id for o in outcomes if o.transient]
         if retry_ids and self.celery_app is not None:
             try:
@@ -191,7 +204,7 @@ class BatchClassifier:
                 item.status = ItemStatus.processing
                 item.attempts += 1
                 item.updated_at = now
-                claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at))
+                claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source))
             return claimed
 
     def _reuse(self, outcomes: list[Outcome], sha_of) -> None:
@@ -302,6 +315,11 @@ class BatchClassifier:
                     item.status = ItemStatus.classified
                     item.classified_at = now
                     item.failure_reason = item.failure_detail = None
+                    # The newest verdict, copied for the reviewers' queries (dfmod.review).
+                    item.score = outcome.fake_probability
+                    item.label = self.predictor.label_for(outcome.fake_probability)
+                    item.threshold = self.threshold
+                    item.model_version = self.model_version
                 elif outcome.failure:
                     item.status = ItemStatus.failed
                     item.failure_reason, detail = outcome.failure
