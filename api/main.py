@@ -2,17 +2,22 @@
 
 Run it with ``dfmod api`` (uvicorn) or ``uvicorn --factory api.main:app_from_env``. Start-up never runs
 migrations: ``/readyz`` reports an unmigrated database instead, and ops run ``dfmod migrate``.
+
+Also serves the review page (``/review``): static HTML, JS and CSS over the JSON API, no build step.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from api import admin, review
 from api.errors import install_error_handlers
 from api.routes import router
 from dfmod import metrics
@@ -20,6 +25,9 @@ from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
+
+
+REVIEW_PAGE = Path(__file__).resolve().parent / "static" / "review"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -33,8 +41,30 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.session_factory = make_session_factory(app.state.engine)
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
+    app.state.heatmaps_requested = {}
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(review.router)
+    app.include_router(admin.router)
+    app.mount("/review/static", StaticFiles(directory=REVIEW_PAGE), name="review-static")
+
+    @app.get("/review", include_in_schema=False)
+    def review_page() -> FileResponse:
+        # The page holds no data until a reviewer signs in with a key; its scripts come from here only.
+        return FileResponse(
+            REVIEW_PAGE / "index.html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+    @app.get("/review/", include_in_schema=False)
+    def review_page_slash() -> RedirectResponse:
+        return RedirectResponse("/review")
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):

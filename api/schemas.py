@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from dfmod.db import Item, Verdict
+from dfmod.db import ApiKey, Item, Review, Verdict
 
 
 class ErrorBody(BaseModel):
@@ -92,3 +93,134 @@ class EventsOut(BaseModel):
     ignored: int
     rejected: int
     records: list[EventRecordResult]
+
+
+# --- review ----------------------------------------------------------------------------------------
+
+Decision = Literal["confirmed_fake", "overturned_real", "escalated"]
+
+
+class ReviewOut(BaseModel):
+    id: int
+    decision: str = Field(description="confirmed_fake, overturned_real, escalated, or retracted (an undo).")
+    note: str | None = None
+    reviewer: str = Field(description="Name of the API key that made the review.")
+    retracts: int | None = Field(None, description="For a retraction: the review it undoes.")
+    retracted: bool = Field(False, description="True once a later retraction undid this review.")
+    model_label: str | None = None
+    model_score: float | None = None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, review: Review, retracted: bool = False) -> "ReviewOut":
+        return cls(
+            id=review.id, decision=review.decision, note=review.note, reviewer=review.reviewer,
+            retracts=review.retracts_id, retracted=retracted, model_label=review.model_label,
+            model_score=review.model_score, created_at=review.created_at,
+        )
+
+
+class ItemSummary(BaseModel):
+    id: str
+    status: str
+    source: str
+    created_at: datetime
+    score: float | None = Field(None, description="Fake probability of the newest verdict.")
+    label: str | None = None
+    threshold: float | None = None
+    flagged: bool = Field(False, description="score >= threshold.")
+    model_version: str | None = None
+    decision: str | None = Field(None, description="Current review decision (latest review not retracted).")
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+    thumbnail_url: str | None = Field(None, description="Signed link to a thumbnail, valid a few minutes.")
+
+    @classmethod
+    def of(cls, item: Item, thumbnail_url: str | None = None) -> "ItemSummary":
+        return cls(
+            id=item.id, status=item.status.value, source=item.source, created_at=item.created_at, score=item.score,
+            label=item.label, threshold=item.threshold,
+            flagged=item.score is not None and item.threshold is not None and item.score >= item.threshold,
+            model_version=item.model_version, decision=item.decision, decided_by=item.decided_by,
+            decided_at=item.decided_at, claimed_by=item.claimed_by, claimed_until=item.claimed_until,
+            thumbnail_url=thumbnail_url,
+        )
+
+
+class ItemPage(BaseModel):
+    items: list[ItemSummary]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class ItemDetail(ItemSummary):
+    bucket: str
+    key: str
+    ingest: str
+    sha256: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    classified_at: datetime | None = None
+    verdicts: list[VerdictOut] = Field(default_factory=list, description="One per model version, oldest first.")
+    reviews: list[ReviewOut] = Field(default_factory=list, description="Every review, oldest first (append-only).")
+    image_url: str = Field(description="Signed link to the full-size image, valid a few minutes.")
+    heatmap_url: str | None = Field(None, description="Signed link to the Grad-CAM heatmap (202 while it is made).")
+
+
+class ReviewIn(BaseModel):
+    decision: Decision
+    note: str | None = Field(None, max_length=4000)
+
+
+class RetractIn(BaseModel):
+    note: str | None = Field(None, max_length=4000)
+
+
+class ClaimIn(BaseModel):
+    limit: int = Field(10, ge=1, le=500, description="How many items to lease (capped by DFMOD_CLAIM_MAX).")
+
+
+class ClaimOut(BaseModel):
+    items: list[ItemSummary]
+    lease_s: int
+    claimed_until: datetime | None = None
+
+
+class ReleaseIn(BaseModel):
+    ids: list[str] = Field(max_length=500)
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+class KeyIn(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    scopes: list[Literal["ingest", "review", "admin"]] = Field(min_length=1)
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str = Field(description="The key's first characters, to recognise it; the key itself is never shown again.")
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> "KeyOut":
+        return cls(
+            id=key.id, name=key.name, prefix=key.prefix, scopes=sorted(key.scope_set), created_at=key.created_at,
+            last_used_at=key.last_used_at, revoked_at=key.revoked_at,
+        )
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The API key. Shown once: only its hash is stored.")
+
+
+class WhoAmI(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]

@@ -13,7 +13,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_sdk, kubernetes_validate" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_sdk, kubernetes_validate, playwright" 2>/dev/null \
    || [[ pyproject.toml -nt "$VENV/.dfmod-installed" ]]; then
   log "installing dfmod with its test extras"
   "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -74,6 +74,14 @@ if ! redis_ok; then
   redis_ok || { echo "Redis did not come up" >&2; exit 1; }
 fi
 export DFMOD_TEST_REDIS=$REDIS_URL
+
+# --- Chromium for the review page's browser test (Playwright drives the system browser; its own
+# browser download needs the internet).
+if ! command -v chromium >/dev/null; then
+  log "installing chromium"
+  apt_install chromium || echo "could not install chromium: the browser test will fail" >&2
+fi
+export DFMOD_TEST_CHROMIUM=${DFMOD_TEST_CHROMIUM:-$(command -v chromium || echo /usr/bin/chromium)}
 
 log "running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,142 @@
+"""The review page in a real browser (headless Chromium driven by Playwright) against a real API server on
+Postgres and an S3 server: sign in, claim, decide by keyboard and by click, undo, and find the decisions
+persisted after a reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import uvicorn
+
+from api.main import create_app
+from dfmod.db import Item, Review, make_engine, make_session_factory, session_scope
+from tests.conftest import free_port, make_image_bytes, seed_items, wait_for_port
+
+pytestmark = pytest.mark.integration
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run", "--disable-sync",
+]
+
+
+def _chromium() -> str:
+    path = os.environ.get("DFMOD_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        pytest.fail(f"Chromium not found at {path}: `apt-get install chromium` (scripts/test.sh does it)")
+    return path
+
+
+@pytest.fixture
+def server(integration_settings):
+    port = free_port()
+    uvicorn_server = uvicorn.Server(
+        uvicorn.Config(create_app(integration_settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    wait_for_port(port)
+    yield f"http://127.0.0.1:{port}"
+    uvicorn_server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(15_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page, errors
+        browser.close()
+
+
+def _item_state(settings, item_id):
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        item = session.get(Item, item_id)
+        reviews = [(r.decision, r.reviewer) for r in session.query(Review).filter(Review.item_id == item_id).order_by(Review.id)]
+        state = (item.decision, reviews)
+    engine.dispose()
+    return state
+
+
+def test_sign_in_claim_decide_undo_and_see_it_persisted(
+    server, browser_page, integration_settings, s3_buckets, make_api_key
+):
+    from playwright.sync_api import expect
+
+    page, errors = browser_page
+    s3, (bucket, _extra) = s3_buckets
+    for index in range(3):
+        s3.put_object(Bucket=bucket, Key=f"page/{index}.jpg", Body=make_image_bytes(size=(320, 240), color=(60 * index, 90, 30)))
+    ids = seed_items(
+        integration_settings,
+        [{"score": score, "key": f"page/{i}.jpg", "source": f"platform-{i}"} for i, score in enumerate((0.93, 0.81, 0.72))]
+        + [{"score": 0.1}],  # a confident "real": not for review
+    )
+    key = make_api_key("review", name="pat")
+    ingest_only = make_api_key("ingest", name="uploader")
+
+    page.goto(f"{server}/review")
+    # A wrong key and a key without the review scope are turned away.
+    page.fill("#key-input", "dfmod_" + "n" * 43)
+    page.click("#signin-button")
+    expect(page.locator("#signin-error")).to_have_text("That key is not valid.")
+    page.fill("#key-input", ingest_only)
+    page.click("#signin-button")
+    expect(page.locator("#signin-error")).to_contain_text("no review scope")
+
+    page.fill("#key-input", key)
+    page.click("#signin-button")
+    expect(page.locator("#whoami")).to_have_text("signed in as pat")
+    cards = page.locator("#list .card")
+    expect(cards).to_have_count(3)  # claimed automatically: the three flagged items, highest score first
+    assert [cards.nth(i).get_attribute("data-id") for i in range(3)] == ids[:3]
+    expect(cards.nth(0)).to_contain_text("0.930")
+    expect(cards.nth(0)).to_contain_text("platform-0")
+    expect(page.locator("#facts")).to_contain_text(ids[0])
+    # Thumbnails and the full-size image really load (signed links, no header).
+    page.wait_for_function("() => [...document.querySelectorAll('#list img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("() => document.querySelector('#full').naturalWidth === 320")
+
+    page.keyboard.press("f")  # keyboard decision on the first item
+    expect(page.locator("#status")).to_contain_text("confirmed_fake recorded")
+    expect(page.locator("#facts")).to_contain_text(ids[1])  # moved on to the next item
+    assert _item_state(integration_settings, ids[0]) == ("confirmed_fake", [("confirmed_fake", "pat")])
+
+    page.fill("#note", "a real photo, odd lighting")
+    page.click("#d-real")  # one-click decision on the second
+    expect(page.locator("#status")).to_contain_text("overturned_real recorded")
+    assert _item_state(integration_settings, ids[1])[0] == "overturned_real"
+
+    page.keyboard.press("u")  # undo the last decision
+    expect(page.locator("#status")).to_have_text("decision undone")
+    expect(page.locator("#facts")).to_contain_text("unreviewed")
+    assert _item_state(integration_settings, ids[1]) == (
+        None, [("overturned_real", "pat"), ("retracted", "pat")],
+    )
+
+    # After a reload the tab is still signed in; the queue holds the undecided items only.
+    page.reload()
+    expect(page.locator("#whoami")).to_have_text("signed in as pat")
+    expect(cards).to_have_count(2)
+    assert [cards.nth(i).get_attribute("data-id") for i in range(2)] == ids[1:3]
+
+    # Browsing by decision finds the first item, with its history.
+    page.click("#tab-browse")
+    page.select_option("#f-decision", "confirmed_fake")
+    page.click("#apply")
+    expect(cards).to_have_count(1)
+    expect(cards.nth(0)).to_contain_text("confirmed_fake")
+    expect(page.locator("#history")).to_contain_text("pat: confirmed_fake")
+
+    page.click("#signout")
+    expect(page.locator("#signin")).to_be_visible()
+    assert errors == []
