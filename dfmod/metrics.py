@@ -38,6 +38,9 @@ TRANSIENT_ERRORS = Counter(
 )
 ITEMS_REQUEUED = Counter("dfmod_items_requeued_total", "Items re-enqueued by the stuck-item sweep.")
 ITEMS_INGESTED = Counter("dfmod_items_ingested_total", "Items recorded by the API.", ["ingest", "created"])
+CALLBACK_ATTEMPTS = Counter(
+    "dfmod_callback_attempts_total", "Callback delivery attempts, by event type and outcome.", ["event", "outcome"]
+)
 MODEL_INFO = Gauge("dfmod_model_info", "The loaded model (value 1).", ["model_version", "device"])
 HTTP_REQUESTS = Counter(
     "dfmod_http_requests_total", "HTTP requests served by the API.", ["method", "route", "status"]

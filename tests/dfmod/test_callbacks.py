@@ -99,6 +99,10 @@ def test_delivery_gives_up_after_max_attempts(integration_settings, db, callback
     assert [r.retry for r in results] == [True, True, False]
     assert "gave up after 3 attempts" in results[-1].error
     assert _attempts(db, item_id) == [(1, 500, False, False), (2, 500, False, False), (3, 500, False, True)]
+    from prometheus_client import REGISTRY
+
+    failed = REGISTRY.get_sample_value("dfmod_callback_attempts_total", {"event": "verdict.created", "outcome": "failed"})
+    assert failed and failed >= 1
 
 
 def test_a_refusing_receiver_is_not_retried_but_an_unreachable_one_is(integration_settings, db, callback_receiver):
