@@ -9,6 +9,7 @@ Also serves the review page (``/review``): static HTML, JS and CSS over the JSON
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
@@ -30,11 +31,19 @@ from dfmod.storage import make_storage
 REVIEW_PAGE = Path(__file__).resolve().parent / "static" / "review"
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    # Close pooled database connections with the app, rather than whenever the garbage collector gets to them.
+    app.state.engine.dispose()
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="dfmod",
         version="0.1.0",
         description="Deepfake-image moderation: ingest images, classify them in batched workers, query verdicts.",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)

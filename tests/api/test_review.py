@@ -399,8 +399,10 @@ def test_heatmap_is_requested_once_then_served_from_storage(
     assert events.llen(integration_settings.queue) == 0  # the classify queue stays pure
 
     predictor = Predictor(checkpoint_path, device="cpu", torch_threads=1)
-    factory = make_session_factory(make_engine(integration_settings.resolved_database_url))
-    HeatmapMaker(integration_settings, factory, S3Storage(integration_settings), predictor).make(item_id, "test-random-0001")
+    engine = make_engine(integration_settings.resolved_database_url)
+    maker = HeatmapMaker(integration_settings, make_session_factory(engine), S3Storage(integration_settings), predictor)
+    maker.make(item_id, "test-random-0001")
+    engine.dispose()
     ready = anonymous.get(url)
     assert ready.status_code == 200 and ready.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(ready.content)).size == (300, 200)

@@ -63,7 +63,8 @@ def test_verdict_callback_review_callback_and_heatmap_through_a_real_worker(
         assert event["item"]["source"] == "platform-x" and event["verdict"]["model_version"] == "test-random-0001"
         assert [h["X-Dfmod-Attempt"] for h, _ in receiver.requests] == ["1", "2", "3"]
         assert len({h["X-Dfmod-Event-Id"] for h, _ in receiver.requests}) == 1
-        factory = make_session_factory(make_engine(settings.resolved_database_url))
+        engine = make_engine(settings.resolved_database_url, pool_size=1)
+        factory = make_session_factory(engine)
 
         def attempts():
             with session_scope(factory) as session:
@@ -90,6 +91,7 @@ def test_verdict_callback_review_callback_and_heatmap_through_a_real_worker(
             lambda: (response := client.get(heatmap_url)).status_code == 200 and response, 60, "the heatmap", worker.log
         )
         assert ready.headers["content-type"] == "image/png"
+        engine.dispose()
 
     # Nothing left behind, and no event task ever went through the classify queue the autoscaler reads.
     _wait(lambda: broker.llen(events_queue) == 0, 10, "an empty events queue")

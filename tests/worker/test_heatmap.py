@@ -24,8 +24,9 @@ def predictor(checkpoint_path):
 
 @pytest.fixture
 def maker(integration_settings, predictor):
-    factory = make_session_factory(make_engine(integration_settings.resolved_database_url))
-    return HeatmapMaker(integration_settings, factory, S3Storage(integration_settings), predictor)
+    engine = make_engine(integration_settings.resolved_database_url)
+    yield HeatmapMaker(integration_settings, make_session_factory(engine), S3Storage(integration_settings), predictor)
+    engine.dispose()
 
 
 def test_heatmap_is_written_once_under_the_model_version(maker, integration_settings, s3_buckets):
