@@ -184,8 +184,17 @@ def to_normalized_array(image: Image.Image, meta: ModelMeta) -> np.ndarray:
 
 
 def preprocess(image: Image.Image, meta: ModelMeta) -> np.ndarray:
-    """The inference preprocessing: the same for validation, test, evaluation and the worker."""
+    """The inference preprocessing as float CHW (validation, test, evaluation): resize, then normalise."""
     return to_normalized_array(resize_for_model(image.convert("RGB"), meta), meta)
+
+
+def to_pixels(image: Image.Image, meta: ModelMeta) -> np.ndarray:
+    """The same preprocessing up to the resize, as uint8 HWC; :meth:`Predictor.predict_pixels` normalises.
+
+    The worker keeps images as bytes until they are batched: normalising a whole batch in torch costs a
+    tenth of doing it per image in numpy, and a GPU receives a quarter of the bytes.
+    """
+    return np.asarray(resize_for_model(image.convert("RGB"), meta), dtype=np.uint8)
 
 
 # --- prediction ------------------------------------------------------------------------------------
@@ -233,6 +242,9 @@ class Predictor:
         else:
             self._autocast_dtype = None
         self.model = model
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device).view(shape) * 255.0
+        self._std = torch.tensor(meta.std, dtype=torch.float32, device=self.device).view(shape) * 255.0
         logger.info(
             "loaded %s (%s, threshold %.4f) on %s", self.checkpoint_path.name, meta.model_version, self.threshold,
             self.device,
@@ -262,8 +274,19 @@ class Predictor:
         logits = self.logits(batch)
         return self._torch.softmax(logits, dim=1)[:, FAKE_INDEX].numpy()
 
+    def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Fake probabilities for uint8 HWC images of the model's size (see :func:`to_pixels`)."""
+        if not len(pixels):
+            return np.zeros((0,), dtype=np.float32)
+        torch = self._torch
+        batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
+        # NHWC uint8 permuted to NCHW is already channels_last in memory: no copy before the model.
+        batch = (batch.permute(0, 3, 1, 2).float() - self._mean) / self._std
+        logits = self.logits(batch)
+        return torch.softmax(logits, dim=1)[:, FAKE_INDEX].numpy()
+
     def predict_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.predict_arrays([preprocess(image, self.meta) for image in images])
+        return self.predict_pixels([to_pixels(image, self.meta) for image in images])
 
     def warmup(self, batch_size: int = 1) -> float:
         """Run one dummy batch (cudnn autotuning, lazy allocations); returns its seconds."""

@@ -21,6 +21,9 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also op
 
 # Truncated files must fail, not decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel limit is checked on the header before decoding; Pillow's warning below its hard limit is noise.
+# (Filtered once here: warnings.catch_warnings() per call is not thread-safe, and the worker decodes in threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageRejected(ValueError):
@@ -47,25 +50,31 @@ class ProbeResult:
     mime: str
 
 
-def probe_image(data: bytes, limits: ImageLimits) -> ProbeResult:
-    """Read only the header: format and size. Cheap enough for the API to call on every upload."""
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Open untrusted bytes lazily (header only) and enforce the byte, format and dimension limits."""
     if not data:
         raise ImageRejected("empty", "the file is empty")
     if len(data) > limits.max_bytes:
         raise ImageRejected("too_large", f"{len(data)} bytes exceeds the limit of {limits.max_bytes}")
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-            width, height = image.size
-            fmt = image.format or "unknown"
-            mime = Image.MIME.get(fmt, "application/octet-stream")
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as exc:
         raise ImageRejected("not_an_image", f"not a supported image ({', '.join(ACCEPTED_FORMATS)})") from exc
     except Image.DecompressionBombError as exc:
         raise ImageRejected("decompression_bomb", str(exc)) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected("corrupt", str(exc) or type(exc).__name__) from exc
-    _check_dimensions(width, height, limits)
-    return ProbeResult(format=fmt, width=width, height=height, mime=mime)
+    _check_dimensions(*image.size, limits)
+    return image
+
+
+def probe_image(data: bytes, limits: ImageLimits) -> ProbeResult:
+    """Read only the header: format and size. Cheap enough for the API to call on every upload."""
+    with _open(data, limits) as image:
+        fmt = image.format or "unknown"
+        return ProbeResult(
+            format=fmt, width=image.size[0], height=image.size[1], mime=Image.MIME.get(fmt, "application/octet-stream")
+        )
 
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
@@ -82,23 +91,17 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
 
     ``target`` is (width, height) of the model input; the result is never smaller than it on either side
     (``draft`` only picks scales that keep the image at least that large), so the final resize still
-    sees real pixels.
+    sees real pixels. The limits are checked on the header, before any pixel is decoded.
     """
-    probe = probe_image(data, limits)
+    image = _open(data, limits)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (rather than raises) between 1x and 2x MAX_IMAGE_PIXELS; we enforce our own limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            if target is not None and probe.format in ("JPEG", "MPO"):
-                image.draft("RGB", target)
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image)
-    except ImageRejected:
-        raise
+        if target is not None and image.format in ("JPEG", "MPO"):
+            image.draft("RGB", target)
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ImageRejected("decompression_bomb", str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

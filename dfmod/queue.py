@@ -32,6 +32,8 @@ def make_celery(settings: Settings) -> Celery:
         transport_options: dict = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
+            # Broadcast (pidbox) messages; kombu's default is a "control" folder in the working directory.
+            "control_folder": str(folder / "control"),
             "polling_interval": 0.05,
         }
     else:

@@ -83,8 +83,13 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(32, ge=1, description="Most tasks classified in one forward pass.")
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait for a batch to fill before it runs anyway.")
-    worker_pool: Literal["solo", "threads"] = Field("solo", description="Celery pool; solo = one model per process.")
-    worker_concurrency: int = Field(1, ge=1, description="Pool size (threads pool only).")
+    worker_pool: Literal["solo", "threads"] = Field(
+        "solo",
+        description="Celery pool; both load one model per process. solo runs one batch at a time (best when the "
+        "model runs on the CPU); threads overlaps one batch's fetch and decode with another's forward pass "
+        "(use it with 2 on GPU workers).",
+    )
+    worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
     visibility_timeout_s: int = Field(
         600, ge=1, description="Redis: unacked tasks of a dead worker are redelivered after this many seconds."

@@ -13,7 +13,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_sdk, kubernetes_validate, playwright" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_python, kubernetes_validate, playwright" 2>/dev/null \
    || [[ pyproject.toml -nt "$VENV/.dfmod-installed" ]]; then
   log "installing dfmod with its test extras"
   "$VENV/bin/python" -m pip install -q --upgrade pip

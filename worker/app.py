@@ -21,13 +21,13 @@ import threading
 from dataclasses import dataclass
 
 from celery import Celery
-from celery_batches import Batches
 
 from dfmod.db import make_engine, make_session_factory
 from dfmod.items import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
+from worker.batching import PipelinedBatches
 from worker.classify import BatchClassifier
 from worker.heatmap import HeatmapMaker
 
@@ -63,23 +63,31 @@ def register_classify_task(app: Celery, settings: Settings, classifier: BatchCla
     # batch_wait_ms=0 or batch_size=1 means "no batching": every message is its own forward pass.
     flush_every = settings.batch_size if settings.batch_wait_ms > 0 else 1
 
+    wait_s = max(settings.batch_wait_ms, 1) / 1000.0
+
     @app.task(
         name=CLASSIFY_TASK,
-        base=Batches,
+        base=PipelinedBatches,
+        bind=True,
         flush_every=flush_every,
-        flush_interval=max(settings.batch_wait_ms, 1) / 1000.0,
+        flush_interval=wait_s / 4,
+        max_wait=wait_s,
+        slots=settings.worker_concurrency if settings.worker_pool == "threads" else 1,
         acks_late=True,
         ignore_result=True,
     )
-    def classify(requests) -> None:
-        item_ids = []
-        for request in requests:
-            if len(request.args) == 1 and isinstance(request.args[0], str):
-                item_ids.append(request.args[0])
-            else:
-                logger.error("dropping malformed classify message %s: args=%r", request.id, request.args)
-        if item_ids:
-            classifier.run(item_ids)
+    def classify(task, requests) -> None:
+        try:
+            item_ids = []
+            for request in requests:
+                if len(request.args) == 1 and isinstance(request.args[0], str):
+                    item_ids.append(request.args[0])
+                else:
+                    logger.error("dropping malformed classify message %s: args=%r", request.id, request.args)
+            if item_ids:
+                classifier.run(item_ids)
+        finally:
+            task.batch_done()
 
 
 def register_event_tasks(app: Celery, settings: Settings, classifier: BatchClassifier) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod import metrics
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
-from dfmod.detector import Predictor, preprocess
+from dfmod.detector import Predictor, to_pixels
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -79,7 +80,10 @@ class BatchReport:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
+    claim_s: float = 0.0
+    fetch_s: float = 0.0  # fetch + hash + decode + resize, and the reuse look-ups
     inference_s: float = 0.0
+    persist_s: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,6 +110,9 @@ class BatchClassifier:
         self.threshold = predictor.threshold
         self.model_version = predictor.model_version
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
+        # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
+        # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
+        self._inference_lock = threading.Lock()
 
     # --- the batch ---------------------------------------------------------------------------------
 
@@ -114,6 +121,7 @@ class BatchClassifier:
         report = BatchReport(requested=len(item_ids))
         unique_ids = list(dict.fromkeys(item_ids))
         claimed = self._with_db_retry(lambda: self._claim(unique_ids, report))
+        report.claim_s = time.perf_counter() - started
         report.claimed = len(claimed)
         report.skipped = len(unique_ids) - len(claimed)
         if not claimed:
@@ -124,14 +132,18 @@ class BatchClassifier:
                 metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, (now - item.enqueued_at).total_seconds()))
 
         outcomes = [Outcome(item=item) for item in claimed]
+        fetch_started = time.perf_counter()
         self._reuse(outcomes, lambda o: o.item.sha256)
         pending = [o for o in outcomes if o.reused_from is None]
         for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
             outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
+        report.fetch_s = time.perf_counter() - fetch_started
         self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
 
+        persist_started = time.perf_counter()
         self._with_db_retry(lambda: self._persist(outcomes))
+        report.persist_s = time.perf_counter() - persist_started
         if self.settings.callbacks_enabled:
             enqueue_events(
                 self.celery_app, self.settings,
@@ -164,9 +176,10 @@ class BatchClassifier:
                 metrics.IMAGES_CLASSIFIED.labels(label=label, reused=str(reused).lower()).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         logger.info(
-            "batch: %d requested, %d classified, %d reused, %d failed, %d retried, %d skipped in %.3fs",
+            "batch: %d requested, %d classified, %d reused, %d failed, %d retried, %d skipped in %.3fs "
+            "(claim %.3f, fetch+decode %.3f, inference %.3f, persist %.3f)",
             report.requested, report.classified, report.reused, report.failed, report.retried, report.skipped,
-            time.perf_counter() - started,
+            time.perf_counter() - started, report.claim_s, report.fetch_s, report.inference_s, report.persist_s,
         )
         return report
 
@@ -241,7 +254,7 @@ class BatchClassifier:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
-            array = preprocess(image, self.predictor.meta)
+            array = to_pixels(image, self.predictor.meta)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None
         except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one item, not the batch
@@ -259,9 +272,10 @@ class BatchClassifier:
         size = self.settings.batch_size
         for start in range(0, len(unique), size):
             chunk = unique[start : start + size]
-            began = time.perf_counter()
-            scores = self.predictor.predict_arrays([o.array for o in chunk])
-            elapsed = time.perf_counter() - began
+            with self._inference_lock:
+                began = time.perf_counter()
+                scores = self.predictor.predict_pixels([o.array for o in chunk])
+                elapsed = time.perf_counter() - began
             report.inference_s += elapsed
             metrics.INFERENCE_SECONDS.observe(elapsed)
             metrics.BATCH_SIZE.observe(len(chunk))

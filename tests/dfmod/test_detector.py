@@ -72,3 +72,16 @@ def test_non_dfmod_safetensors_is_rejected(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="no dfmod metadata"):
         read_meta(tmp_path / "other.safetensors")
+
+
+def test_pixel_path_of_the_worker_matches_the_float_path_of_evaluation(checkpoint_path):
+    from dfmod.detector import to_pixels
+
+    predictor = Predictor(checkpoint_path, device="cpu")
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(4)]
+    pixels = [to_pixels(image, predictor.meta) for image in images]
+    assert pixels[0].dtype == np.uint8 and pixels[0].shape == (224, 224, 3)
+    from_pixels = predictor.predict_pixels(pixels)
+    from_floats = predictor.predict_arrays([preprocess(image, predictor.meta) for image in images])
+    assert np.allclose(from_pixels, from_floats, atol=1e-5)

@@ -56,9 +56,12 @@ def _verdict_stats(settings):
     return total, distinct_items, batch_sizes
 
 
-def test_batches_of_more_than_one_form_under_load(integration_settings, s3_buckets, worker_factory):
+@pytest.mark.parametrize("pool,concurrency", [("solo", 1), ("threads", 2)])
+def test_batches_of_more_than_one_form_under_load(integration_settings, s3_buckets, worker_factory, pool, concurrency):
     ids = _seed(integration_settings, s3_buckets, 24)  # queued before the worker starts: a backlog
-    worker = worker_factory(DFMOD_BATCH_SIZE=8, DFMOD_BATCH_WAIT_MS=500)
+    worker = worker_factory(
+        DFMOD_BATCH_SIZE=8, DFMOD_BATCH_WAIT_MS=500, DFMOD_WORKER_POOL=pool, DFMOD_WORKER_CONCURRENCY=concurrency
+    )
     done = _wait_for(lambda: _status_counts(integration_settings).get(ItemStatus.classified, 0) == len(ids), 120)
     assert done, worker.log()
     total, distinct_items, batch_sizes = _verdict_stats(integration_settings)
