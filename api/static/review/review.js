@@ -197,13 +197,13 @@
     facts.replaceChildren();
     fact(facts, "item", item.id);
     fact(facts, "source", item.source);
-    fact(facts, "score", item.score == null ? null : `${item.score.toFixed(4)} (threshold ${item.threshold})`);
+    fact(facts, "score", item.score == null ? null : `${item.score.toFixed(4)} (threshold ${item.threshold == null ? "?" : item.threshold.toFixed(4)})`);
     fact(facts, "decision", item.decision ? `${item.decision} by ${item.decided_by}` : "unreviewed");
     fact(facts, "claimed by", item.claimed_by);
     fact(facts, "created", item.created_at);
     const rows = item.verdicts.map((v) => {
       const tr = document.createElement("tr");
-      for (const value of [v.model_version, v.label, v.fake_probability.toFixed(4), v.threshold, v.created_at]) {
+      for (const value of [v.model_version, v.label, v.fake_probability.toFixed(4), v.threshold.toFixed(4), v.created_at]) {
         const td = document.createElement("td");
         td.textContent = value;
         tr.append(td);
