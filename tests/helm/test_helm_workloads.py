@@ -316,6 +316,8 @@ def test_chart_secret_holds_the_credentials(chart, rendered):
     assert data["DFMOD_S3_ACCESS_KEY_ID"] == "ci-access-key"
     assert data["DFMOD_S3_SECRET_ACCESS_KEY"] == "ci-secret-key"
     assert "DFMOD_S3_EVENT_TOKEN" not in data  # unset values are left out, not stored empty
+    with_callbacks = chart.render("gpu", {"secrets": {"callbackSecret": "cb-secret"}})
+    assert with_callbacks.secret_data(chart.fullname)["DFMOD_CALLBACK_SECRET"] == "cb-secret"
     config = out.get("ConfigMap", chart.fullname)["data"]
     assert not any("PASSWORD" in key or "SECRET" in key or "URL" in key and "DATABASE" in key for key in config)
 
