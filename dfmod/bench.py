@@ -27,13 +27,15 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
+
+from dfmod.loopback import free_port, moto_server
 
 
 @dataclass
@@ -50,23 +52,6 @@ class BenchResult:
     latency_rate_img_s: float
     latency_samples: int
     backends: dict
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -90,21 +75,6 @@ def folder_jpegs(folder: Path, count: int) -> list[bytes]:
     if not files:
         raise typer.BadParameter(f"no images under {folder}")
     return [files[i % len(files)].read_bytes() for i in range(count)]
-
-
-@contextmanager
-def _moto_server() -> Iterator[str]:
-    executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if executable is None:
-        raise RuntimeError("no S3 endpoint configured and moto_server is not installed (pip install 'moto[server]')")
-    port = _free_port()
-    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 class _Process:
@@ -272,7 +242,7 @@ def run_bench(
         if not base.database_url:
             overrides["database_url"] = f"sqlite:///{workdir}/bench.db"
         if not base.storage_is_s3:
-            endpoint = stack.enter_context(_moto_server())
+            endpoint = stack.enter_context(moto_server())
             overrides.update(
                 storage_url=f"s3://bench-{uuid.uuid4().hex[:6]}", s3_endpoint_url=endpoint,
                 s3_access_key_id="bench", s3_secret_access_key="bench",
@@ -323,7 +293,7 @@ def run_bench(
             progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
             # A quarter of the drain rate (at most 10/s): the API shares the cores with the worker and S3 here.
             offered = rate or max(1.0, min(10.0, round(0.25 * e2e_img_s, 1)))
-            api_port = _free_port()
+            api_port = free_port()
             api = _Process([*cli, "api", "--port", str(api_port), "--log-level", "warning"], env, workdir / "api.log", port=api_port)
             try:
                 latencies = _latency(api_port, factory, phase["latency"], offered, latency_seconds, _bench_key(factory))
@@ -363,7 +333,7 @@ def _env_for(settings) -> dict[str, str]:
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         env[f"DFMOD_{name.upper()}"] = str(value)
-    env["DFMOD_METRICS_PORT"] = str(_free_port())
+    env["DFMOD_METRICS_PORT"] = str(free_port())
     return env
 
 
