@@ -28,7 +28,7 @@ from api.schemas import (
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus
-from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
+from dfmod.imaging import ImageRejected, decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
 from dfmod.storage import ObjectNotFound, StorageError, heatmap_key
 
@@ -154,7 +154,7 @@ def item_image(
         data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     except StorageError as exc:
         raise _storage_error(exc) from exc
-    limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    limits = settings.image_limits
     try:
         if variant == "full":
             return Response(data, media_type=probe_image(data, limits).mime, headers=_IMAGE_HEADERS)

@@ -28,7 +28,7 @@ from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
 from dfmod.db import Item
-from dfmod.imaging import ImageLimits, ImageRejected, probe_image
+from dfmod.imaging import ImageRejected, probe_image
 from dfmod.items import NewItem, enqueue_items, record_items
 from dfmod.storage import StorageError, StorageUnavailable, validate_key
 
@@ -76,7 +76,7 @@ def upload_image(
     source: str = Form("upload", max_length=255, description="Free-form origin, e.g. the platform's name."),
 ):
     data = file.file.read(settings.max_upload_bytes + 1)
-    limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    limits = settings.image_limits
     try:
         probe = probe_image(data, limits)
     except ImageRejected as exc:

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Optional
 
 import typer
 
-from dfmod.loopback import free_port, moto_server
+from dfmod.loopback import free_port, moto_server, port_open
 
 
 @dataclass
@@ -88,12 +87,8 @@ class _Process:
                 raise RuntimeError(f"{args[3]} exited at start:\n{log.read_text()[-3000:]}")
             if ready and ready in log.read_bytes():
                 return
-            if port:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                        return
-                except OSError:
-                    pass
+            if port and port_open(port):
+                return
             time.sleep(0.2)
         raise TimeoutError(f"{args} not ready:\n{log.read_text()[-3000:]}")
 

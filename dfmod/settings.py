@@ -205,3 +205,10 @@ class Settings(BaseSettings):
     @cached_property
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
+
+    @property
+    def image_limits(self):
+        """The byte, pixel and size limits every decoder of untrusted images applies."""
+        from dfmod.imaging import ImageLimits
+
+        return ImageLimits(self.max_upload_bytes, self.max_image_pixels, self.min_image_side)

@@ -35,7 +35,7 @@ from dfmod import metrics
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
 from dfmod.detector import Predictor, to_pixels
-from dfmod.imaging import ImageLimits, ImageRejected, decode_image
+from dfmod.imaging import ImageRejected, decode_image
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 from dfmod.storage import Storage, StorageError, StorageUnavailable
@@ -103,10 +103,7 @@ class BatchClassifier:
         self.storage = storage
         self.predictor = predictor
         self.celery_app = celery_app
-        self.limits = ImageLimits(
-            max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
-            min_side=settings.min_image_side,
-        )
+        self.limits = settings.image_limits
         self.threshold = predictor.threshold
         self.model_version = predictor.model_version
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")

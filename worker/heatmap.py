@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod.db import Item, session_scope
 from dfmod.detector import Predictor
-from dfmod.imaging import ImageLimits, ImageRejected, decode_image
+from dfmod.imaging import ImageRejected, decode_image
 from dfmod.settings import Settings
 from dfmod.storage import ObjectNotFound, Storage, StorageError, heatmap_key
 
@@ -27,7 +27,7 @@ class HeatmapMaker:
         self.session_factory = session_factory
         self.storage = storage
         self.predictor = predictor
-        self.limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+        self.limits = settings.image_limits
 
     def make(self, item_id: str, model_version: str) -> str | None:
         """Write the heatmap PNG if it is missing; returns its key, or None if it cannot be made here."""
