@@ -164,6 +164,67 @@ def load_checkpoint(path: Path):
     return model, meta
 
 
+def fold_batchnorm(model) -> int:
+    """Fold every eval-mode BatchNorm whose only input is a convolution into that convolution.
+
+    Inference only: the folded model computes the same function (to float rounding) with one op fewer
+    per layer, which on CPU makes MobileNetV4-Small about 1.3x faster (in channels_last, BatchNorm is a
+    memory pass of its own per layer). The pairs are found in the model's torch.fx graph, so only a norm
+    fed by a convolution whose output nothing else reads is folded, whatever the block calls its layers.
+    Activations and dropout that timm fuses into its norm layers (``BatchNormAct2d``) stay. A model that
+    torch.fx cannot trace is left as it is. Returns the number of layers folded.
+    """
+    import torch.fx
+    from timm.layers import BatchNormAct2d
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batchnorm is for eval-mode models: training needs the BatchNorm statistics")
+
+    class NormActAfterFold(nn.Module):
+        """What remains of a norm layer once its affine transform moved into the convolution before it."""
+
+        def __init__(self, norm: nn.Module) -> None:
+            super().__init__()
+            # timm's BatchNormAct2d applies dropout and an activation after normalising; nn.BatchNorm2d neither.
+            self.drop = getattr(norm, "drop", None) or nn.Identity()
+            self.act = getattr(norm, "act", None) or nn.Identity()
+
+        def forward(self, x):
+            return self.act(self.drop(x))
+
+    class ConvNormLeaves(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        graph = ConvNormLeaves().trace(model)
+    except Exception as exc:  # noqa: BLE001 - folding is an optimisation, never a reason not to serve
+        logger.warning("not folding BatchNorm: torch.fx cannot trace %s (%s)", type(model).__name__, exc)
+        return 0
+    modules = dict(model.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        # Exact types: a subclass may do more in forward() than its affine transform.
+        if type(norm) not in (nn.BatchNorm2d, BatchNormAct2d) or norm.running_mean is None:
+            continue
+        source = node.args[0]
+        conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or len(source.users) != 1:
+            continue
+        _replace_module(model, source.target, fuse_conv_bn_eval(conv, norm))
+        _replace_module(model, node.target, NormActAfterFold(norm))
+        folded += 1
+    return folded
+
+
+def _replace_module(model, qualified_name: str, replacement) -> None:
+    parent_name, _, name = qualified_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, replacement)
+
+
 # --- preprocessing ---------------------------------------------------------------------------------
 
 
@@ -234,6 +295,7 @@ class Predictor:
         self.threshold = meta.threshold if threshold is None else threshold
         self.device = pick_device(device)
         self._torch = torch
+        folded = fold_batchnorm(model)
         # channels_last suits both cuDNN and oneDNN: on 2 CPU cores it is 1.5-1.9x faster at batch 16-32.
         model = model.to(self.device, memory_format=torch.channels_last)
         if self.device == "cuda":
@@ -246,8 +308,8 @@ class Predictor:
         self._mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device).view(shape) * 255.0
         self._std = torch.tensor(meta.std, dtype=torch.float32, device=self.device).view(shape) * 255.0
         logger.info(
-            "loaded %s (%s, threshold %.4f) on %s", self.checkpoint_path.name, meta.model_version, self.threshold,
-            self.device,
+            "loaded %s (%s, threshold %.4f) on %s, %d BatchNorm layers folded", self.checkpoint_path.name,
+            meta.model_version, self.threshold, self.device, folded,
         )
 
     @property

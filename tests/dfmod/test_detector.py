@@ -12,6 +12,8 @@ from dfmod.detector import (
     ModelNotAvailable,
     Predictor,
     build_model,
+    default_checkpoint_path,
+    fold_batchnorm,
     load_checkpoint,
     preprocess,
     read_meta,
@@ -85,3 +87,54 @@ def test_pixel_path_of_the_worker_matches_the_float_path_of_evaluation(checkpoin
     from_pixels = predictor.predict_pixels(pixels)
     from_floats = predictor.predict_arrays([preprocess(image, predictor.meta) for image in images])
     assert np.allclose(from_pixels, from_floats, atol=1e-5)
+
+
+def _randomise_norm_statistics(model, seed: int = 0) -> None:
+    """Fresh models have mean 0, var 1, weight 1, bias 0: folding those would prove little."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(shape, generator=generator) * 2 + 0.1)
+            module.weight.data.copy_(torch.randn(shape, generator=generator))
+            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.2)
+
+
+def test_folding_batchnorm_keeps_the_function_and_removes_every_norm():
+    import copy
+
+    import torch
+
+    model = build_model(ModelMeta()).eval()
+    _randomise_norm_statistics(model)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded_model = copy.deepcopy(model)
+    assert fold_batchnorm(folded_model) == norms > 40
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_model.modules())
+    batch = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, actual = model(batch), folded_model(batch)
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_folding_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(build_model(ModelMeta()).train())
+
+
+def test_predictor_serves_the_shipped_model_folded_with_unchanged_probabilities():
+    import torch
+
+    predictor = Predictor(default_checkpoint_path(), device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    reference, meta = load_checkpoint(default_checkpoint_path())
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
+    arrays = [preprocess(image, meta) for image in images]
+    with torch.inference_mode():
+        logits = reference(torch.from_numpy(np.stack(arrays)))
+    expected = torch.softmax(logits, dim=1)[:, 1].numpy()
+    assert np.allclose(predictor.predict_arrays(arrays), expected, atol=1e-4)
