@@ -161,6 +161,11 @@ class S3Storage(_BucketRules):
             read_timeout=settings.s3_read_timeout_s,
             s3={"addressing_style": settings.s3_addressing_style},
             max_pool_connections=32,
+            # botocore >= 1.36 adds CRC checksums to every upload and verifies them on every download by
+            # default; several S3-compatible stores reject or omit them, and the worker hashes the bytes
+            # itself (sha256). Checksums stay on where an operation requires them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         credentials = {}
         if settings.s3_access_key_id and settings.s3_secret_access_key:
