@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -51,6 +51,10 @@ class BenchResult:
     latency_rate_img_s: float
     latency_samples: int
     backends: dict
+    #: CPU milliseconds per image of the forward pass alone (the model-only run, all its threads).
+    model_cpu_ms: float = 0.0
+    #: CPU milliseconds per image spent by each role on this machine during the end-to-end run.
+    end_to_end_cpu_ms: dict = field(default_factory=dict)
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -74,6 +78,51 @@ def folder_jpegs(folder: Path, count: int) -> list[bytes]:
     if not files:
         raise typer.BadParameter(f"no images under {folder}")
     return [files[i % len(files)].read_bytes() for i in range(count)]
+
+
+class CpuMeter:
+    """CPU seconds used by every process on this machine over a span, grouped by role.
+
+    On a machine that also runs the S3 server, the database and the broker, end-to-end throughput is
+    bounded by the CPU all of them need per image, not only by the model; this is what shows where it goes.
+    """
+
+    def __init__(self, roles: dict[int, str]) -> None:
+        self.roles = roles
+        self._start: dict[int, tuple[str, float]] = {}
+
+    def _role(self, process) -> str:
+        if process.pid in self.roles:
+            return self.roles[process.pid]
+        command = " ".join(process.cmdline() or [process.name()])
+        for needle, role in (("moto_server", "s3 server"), ("postgres", "database"), ("redis-server", "broker")):
+            if needle in command:
+                return role
+        return "other"
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        sample = {}
+        for process in psutil.process_iter():
+            try:
+                times = process.cpu_times()
+                sample[process.pid] = (self._role(process), times.user + times.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return sample
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self, per: int) -> dict[str, float]:
+        """CPU milliseconds per unit of work (``per`` images) by role, largest first."""
+        used: dict[str, float] = {}
+        for pid, (role, seconds) in self._sample().items():
+            _, before = self._start.get(pid, (role, 0.0))
+            used[role] = used.get(role, 0.0) + max(0.0, seconds - before)
+        return {role: round(1000.0 * seconds / per, 2) for role, seconds in sorted(used.items(), key=lambda kv: -kv[1])
+                if seconds * 1000.0 / per >= 0.01}
 
 
 class _Process:
@@ -102,7 +151,7 @@ class _Process:
         self.handle.close()
 
 
-def _model_only(settings, batch_size: int, seconds: float) -> tuple[float, str]:
+def _model_only(settings, batch_size: int, seconds: float) -> tuple[float, str, float]:
     import numpy as np
 
     from dfmod.detector import Predictor
@@ -116,11 +165,12 @@ def _model_only(settings, batch_size: int, seconds: float) -> tuple[float, str]:
         import torch
 
         torch.cuda.synchronize()
-    done, started = 0, time.perf_counter()
+    done, started, cpu_started = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or done < 3 * batch_size:
         predictor.predict_pixels(pixels)
         done += batch_size
-    return done / (time.perf_counter() - started), predictor.device
+    img_s = done / (time.perf_counter() - started)
+    return img_s, predictor.device, 1000.0 * (time.process_time() - cpu_started) / done
 
 
 def _finished(factory, ids: list[str]) -> tuple[int, datetime | None]:
@@ -138,7 +188,10 @@ def _finished(factory, ids: list[str]) -> tuple[int, datetime | None]:
     return count, last
 
 
-def _drain(settings, factory, celery_app, storage, images: list[bytes], prefix: str, timeout: float) -> float:
+def _drain(
+    settings, factory, celery_app, storage, images: list[bytes], prefix: str, timeout: float,
+    meter: CpuMeter | None = None,
+) -> float:
     """Put the images in storage, record and enqueue them at once; seconds until all have verdicts."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -152,6 +205,8 @@ def _drain(settings, factory, celery_app, storage, images: list[bytes], prefix: 
     with session_scope(factory) as session:
         recorded = record_items(session, [NewItem(bucket=settings.upload_bucket, key=key, source="bench") for key in keys])
     ids = [r.item.id for r in recorded]
+    if meter:
+        meter.start()
     started_wall, started = time.time(), time.perf_counter()
     enqueue(celery_app, settings, ids)
     deadline = started + timeout
@@ -265,7 +320,7 @@ def run_bench(
         }
 
         progress(f"model-only throughput at batch {settings.batch_size} ...")
-        model_img_s, device = _model_only(settings, settings.batch_size, model_seconds)
+        model_img_s, device, model_cpu_ms = _model_only(settings, settings.batch_size, model_seconds)
 
         # Every phase gets images no earlier phase or run has seen: identical bytes would take the
         # verdict-reuse path and skip the model, flattering the figures.
@@ -288,7 +343,9 @@ def run_bench(
         worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
-            e2e_s = _drain(settings, factory, celery_app, storage, phase["e2e"], "e2e", 600)
+            meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
+            e2e_s = _drain(settings, factory, celery_app, storage, phase["e2e"], "e2e", 600, meter)
+            e2e_cpu_ms = meter.stop(per=images)
             e2e_img_s = images / e2e_s
 
             progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
@@ -322,6 +379,7 @@ def run_bench(
         unbatched_img_s=round(unbatched_images / unbatched_s, 2), p50_ms=round(percentile(latencies, 50), 1),
         p99_ms=round(percentile(latencies, 99), 1), batch_size=settings.batch_size, device=device, images=images,
         unbatched_images=unbatched_images, latency_rate_img_s=offered, latency_samples=len(latencies), backends=backends,
+        model_cpu_ms=round(model_cpu_ms, 2), end_to_end_cpu_ms=e2e_cpu_ms,
     )
 
 
@@ -339,8 +397,8 @@ def _env_for(settings) -> dict[str, str]:
 
 
 def bench_command(
-    images: int = typer.Option(256, help="Images for the end-to-end run."),
-    unbatched_images: int = typer.Option(64, help="Images for the unbatched run."),
+    images: int = typer.Option(1024, help="Images for the end-to-end run."),
+    unbatched_images: int = typer.Option(128, help="Images for the unbatched run."),
     latency_seconds: float = typer.Option(20.0, help="Duration of the fixed-rate latency run."),
     rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
@@ -370,5 +428,13 @@ def bench_command(
     table.add_row("end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s", f"{result.unbatched_images} images; batched is {speedup:.1f}x")
     table.add_row("upload→verdict p50", f"{result.p50_ms:.0f} ms", f"{result.latency_samples} uploads at {result.latency_rate_img_s} img/s")
     table.add_row("upload→verdict p99", f"{result.p99_ms:.0f} ms", "")
+    cpu_total = sum(result.end_to_end_cpu_ms.values())
+    table.add_row(
+        "CPU per image, model-only", f"{result.model_cpu_ms:.2f} ms", "the forward pass alone, all torch threads"
+    )
+    table.add_row(
+        "CPU per image, end-to-end", f"{cpu_total:.2f} ms",
+        ", ".join(f"{role} {ms:.2f}" for role, ms in result.end_to_end_cpu_ms.items()),
+    )
     table.add_row("backends", ", ".join(f"{k}={v}" for k, v in result.backends.items()), "")
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)

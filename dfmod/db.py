@@ -291,5 +291,6 @@ def insert_ignore(session: Session, model, values: list[dict], index_elements: l
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - only the two supported backends
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    statement = insert(model).values(values).on_conflict_do_nothing(index_elements=index_elements)
-    session.execute(statement)
+    # Rows as executemany parameters, not .values(rows): the statement then compiles once and stays in
+    # SQLAlchemy's cache, and "insertmanyvalues" still sends the rows as one multi-row INSERT.
+    session.execute(insert(model).on_conflict_do_nothing(index_elements=index_elements), values)
