@@ -53,8 +53,12 @@ class BenchResult:
     backends: dict
     #: CPU milliseconds per image of the forward pass alone (the model-only run, all its threads).
     model_cpu_ms: float = 0.0
-    #: CPU milliseconds per image spent by each role on this machine during the end-to-end run.
+    #: CPU milliseconds per image spent by each role on this machine during the end-to-end runs.
     end_to_end_cpu_ms: dict = field(default_factory=dict)
+    #: Drains per phase: the throughputs above are the medians of these runs.
+    repeats: int = 1
+    end_to_end_runs_img_s: list = field(default_factory=list)
+    unbatched_runs_img_s: list = field(default_factory=list)
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -90,6 +94,7 @@ class CpuMeter:
     def __init__(self, roles: dict[int, str]) -> None:
         self.roles = roles
         self._start: dict[int, tuple[str, float]] = {}
+        self.used: dict[str, float] = {}
 
     def _role(self, process) -> str:
         if process.pid in self.roles:
@@ -115,14 +120,19 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._sample()
 
-    def stop(self, per: int) -> dict[str, float]:
-        """CPU milliseconds per unit of work (``per`` images) by role, largest first."""
-        used: dict[str, float] = {}
+    def stop(self) -> None:
+        """Add the CPU used since :meth:`start` (spans add up, so set-up between them is left out)."""
         for pid, (role, seconds) in self._sample().items():
             _, before = self._start.get(pid, (role, 0.0))
-            used[role] = used.get(role, 0.0) + max(0.0, seconds - before)
-        return {role: round(1000.0 * seconds / per, 2) for role, seconds in sorted(used.items(), key=lambda kv: -kv[1])
-                if seconds * 1000.0 / per >= 0.01}
+            self.used[role] = self.used.get(role, 0.0) + max(0.0, seconds - before)
+
+    def per_image(self, images: int) -> dict[str, float]:
+        """CPU milliseconds per image by role, largest first."""
+        return {
+            role: round(1000.0 * seconds / images, 2)
+            for role, seconds in sorted(self.used.items(), key=lambda kv: -kv[1])
+            if 1000.0 * seconds / images >= 0.01
+        }
 
 
 class _Process:
@@ -216,6 +226,8 @@ def _drain(
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{prefix}: only {finished[0]}/{len(ids)} finished in {timeout}s")
         time.sleep(0.25)
+    if meter:
+        meter.stop()
     return max(finished[1].timestamp() - started_wall, 1e-6)
 
 
@@ -279,7 +291,7 @@ def _bench_key(factory) -> str:
 
 def run_bench(
     images: int, unbatched_images: int, latency_seconds: float, rate: Optional[float], model_seconds: float,
-    images_from: Optional[Path], progress=print, log_dir: Optional[Path] = None,
+    images_from: Optional[Path], progress=print, log_dir: Optional[Path] = None, repeats: int = 3,
 ) -> BenchResult:
     from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory
@@ -325,7 +337,9 @@ def run_bench(
         # Every phase gets images no earlier phase or run has seen: identical bytes would take the
         # verdict-reuse path and skip the model, flattering the figures.
         latency_count = int((rate or 10.0) * latency_seconds) + 1
-        sizes = {"warmup": 8, "e2e": images, "warmup1": 4, "unbatched": unbatched_images, "latency": latency_count}
+        sizes = {"warmup": 8, "warmup1": 4, "latency": latency_count}
+        sizes |= {f"e2e{run}": images for run in range(repeats)}
+        sizes |= {f"unbatched{run}": unbatched_images for run in range(repeats)}
         needed = sum(sizes.values())
         if images_from:
             pool = folder_jpegs(images_from, needed)
@@ -339,14 +353,17 @@ def run_bench(
         env = {**os.environ, **_env_for(settings)}
         cli = [sys.executable, "-m", "dfmod"]
 
-        progress(f"end-to-end: {images} images through a batched worker ...")
+        progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
         worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
-            e2e_s = _drain(settings, factory, celery_app, storage, phase["e2e"], "e2e", 600, meter)
-            e2e_cpu_ms = meter.stop(per=images)
-            e2e_img_s = images / e2e_s
+            e2e_runs = [
+                images / _drain(settings, factory, celery_app, storage, phase[f"e2e{run}"], f"e2e{run}", 600, meter)
+                for run in range(repeats)
+            ]
+            e2e_cpu_ms = meter.per_image(images * repeats)
+            e2e_img_s = statistics.median(e2e_runs)
 
             progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
             # A quarter of the drain rate (at most 10/s): the API shares the cores with the worker and S3 here.
@@ -360,12 +377,16 @@ def run_bench(
         finally:
             worker.stop()
 
-        progress(f"unbatched: {unbatched_images} images, one task = one forward pass ...")
+        progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
         unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
         worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
-            unbatched_s = _drain(settings, factory, celery_app, storage, phase["unbatched"], "unbatched", 600)
+            unbatched_runs = [
+                unbatched_images
+                / _drain(settings, factory, celery_app, storage, phase[f"unbatched{run}"], f"unbatched{run}", 600)
+                for run in range(repeats)
+            ]
         finally:
             worker.stop()
 
@@ -376,10 +397,11 @@ def run_bench(
 
     return BenchResult(
         model_only_img_s=round(model_img_s, 2), end_to_end_img_s=round(e2e_img_s, 2),
-        unbatched_img_s=round(unbatched_images / unbatched_s, 2), p50_ms=round(percentile(latencies, 50), 1),
+        unbatched_img_s=round(statistics.median(unbatched_runs), 2), p50_ms=round(percentile(latencies, 50), 1),
         p99_ms=round(percentile(latencies, 99), 1), batch_size=settings.batch_size, device=device, images=images,
         unbatched_images=unbatched_images, latency_rate_img_s=offered, latency_samples=len(latencies), backends=backends,
-        model_cpu_ms=round(model_cpu_ms, 2), end_to_end_cpu_ms=e2e_cpu_ms,
+        model_cpu_ms=round(model_cpu_ms, 2), end_to_end_cpu_ms=e2e_cpu_ms, repeats=repeats,
+        end_to_end_runs_img_s=[round(x, 2) for x in e2e_runs], unbatched_runs_img_s=[round(x, 2) for x in unbatched_runs],
     )
 
 
@@ -403,13 +425,15 @@ def bench_command(
     rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
     images_from: Optional[Path] = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
+    repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by 20 %)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     log_dir: Optional[Path] = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print
     result = run_bench(
-        images, unbatched_images, latency_seconds, rate, model_seconds, images_from, progress=say, log_dir=log_dir
+        images, unbatched_images, latency_seconds, rate, model_seconds, images_from, progress=say, log_dir=log_dir,
+        repeats=repeats,
     )
     if as_json:
         print(json.dumps(result.__dict__, sort_keys=True))
@@ -424,8 +448,17 @@ def bench_command(
     ratio = result.end_to_end_img_s / result.model_only_img_s if result.model_only_img_s else float("nan")
     speedup = result.end_to_end_img_s / result.unbatched_img_s if result.unbatched_img_s else float("nan")
     table.add_row("model-only", f"{result.model_only_img_s:.1f} img/s", "resized uint8 images: normalise + forward pass")
-    table.add_row("end-to-end (batched)", f"{result.end_to_end_img_s:.1f} img/s", f"{result.images} images; {ratio:.0%} of model-only")
-    table.add_row("end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s", f"{result.unbatched_images} images; batched is {speedup:.1f}x")
+    def spread(runs: list) -> str:
+        return f"median of {len(runs)}: {min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else "one run"
+
+    table.add_row(
+        "end-to-end (batched)", f"{result.end_to_end_img_s:.1f} img/s",
+        f"{result.images} images, {spread(result.end_to_end_runs_img_s)}; {ratio:.0%} of model-only",
+    )
+    table.add_row(
+        "end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s",
+        f"{result.unbatched_images} images, {spread(result.unbatched_runs_img_s)}; batched is {speedup:.1f}x",
+    )
     table.add_row("upload→verdict p50", f"{result.p50_ms:.0f} ms", f"{result.latency_samples} uploads at {result.latency_rate_img_s} img/s")
     table.add_row("upload→verdict p99", f"{result.p99_ms:.0f} ms", "")
     cpu_total = sum(result.end_to_end_cpu_ms.values())

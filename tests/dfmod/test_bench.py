@@ -20,7 +20,7 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, checkpo
     completed = subprocess.run(
         [
             sys.executable, "-m", "dfmod", "bench", "--json", "--images", "24", "--unbatched-images", "4",
-            "--latency-seconds", "2", "--rate", "2", "--model-seconds", "0.5", "--log-dir", str(tmp_path / "logs"),
+            "--latency-seconds", "2", "--rate", "2", "--model-seconds", "0.5", "--repeats", "2", "--log-dir", str(tmp_path / "logs"),
         ],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -30,6 +30,8 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, checkpo
     for key in ("model_only_img_s", "end_to_end_img_s", "unbatched_img_s", "p50_ms", "p99_ms"):
         assert result[key] > 0, key
     assert result["p99_ms"] >= result["p50_ms"]
+    assert result["repeats"] == 2 and len(result["end_to_end_runs_img_s"]) == len(result["unbatched_runs_img_s"]) == 2
+    assert min(result["end_to_end_runs_img_s"]) <= result["end_to_end_img_s"] <= max(result["end_to_end_runs_img_s"])
     assert result["batch_size"] == 8 and result["device"] == "cpu"
     assert result["backends"] == {"database": "sqlite", "broker": "filesystem", "storage": "s3 (moto_server)"}
     assert result["model_cpu_ms"] > 0
