@@ -9,6 +9,10 @@ Four measurements, each through the production code path:
 * latency: uploads through a real ``dfmod api`` process at a fixed offered rate, p50/p99 from upload to
   verdict.
 
+The throughput phases drain ``repeats`` backlogs and report the median; during the end-to-end drains the
+bench also adds up the CPU time of every process on the machine by role (worker, S3 server, database,
+broker), because on a machine that hosts them all that, not the model alone, is what bounds throughput.
+
 Backends come from the ``DFMOD_*`` environment like everywhere else; where none is configured the bench
 uses a throw-away SQLite database, the embedded broker and a ``moto_server`` S3 endpoint it starts itself.
 """
