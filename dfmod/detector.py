@@ -214,15 +214,10 @@ def fold_batchnorm(model) -> int:
         conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
         if not isinstance(conv, nn.Conv2d) or len(source.users) != 1:
             continue
-        _replace_module(model, source.target, fuse_conv_bn_eval(conv, norm))
-        _replace_module(model, node.target, NormActAfterFold(norm))
+        model.set_submodule(source.target, fuse_conv_bn_eval(conv, norm), strict=True)
+        model.set_submodule(node.target, NormActAfterFold(norm), strict=True)
         folded += 1
     return folded
-
-
-def _replace_module(model, qualified_name: str, replacement) -> None:
-    parent_name, _, name = qualified_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, name, replacement)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------
