@@ -357,15 +357,19 @@ def run_bench(
         env = {**os.environ, **_env_for(settings)}
         cli = [sys.executable, "-m", "dfmod"]
 
+        def drain_runs(name: str, per_run: int, meter: CpuMeter | None = None) -> list[float]:
+            """img/s of each of the ``repeats`` drains of phase ``name``."""
+            return [
+                per_run / _drain(settings, factory, celery_app, storage, phase[f"{name}{run}"], f"{name}{run}", 600, meter)
+                for run in range(repeats)
+            ]
+
         progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
         worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
-            e2e_runs = [
-                images / _drain(settings, factory, celery_app, storage, phase[f"e2e{run}"], f"e2e{run}", 600, meter)
-                for run in range(repeats)
-            ]
+            e2e_runs = drain_runs("e2e", images, meter)
             e2e_cpu_ms = meter.per_image(images * repeats)
             e2e_img_s = statistics.median(e2e_runs)
 
@@ -386,11 +390,7 @@ def run_bench(
         worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
-            unbatched_runs = [
-                unbatched_images
-                / _drain(settings, factory, celery_app, storage, phase[f"unbatched{run}"], f"unbatched{run}", 600)
-                for run in range(repeats)
-            ]
+            unbatched_runs = drain_runs("unbatched", unbatched_images)
         finally:
             worker.stop()
 
@@ -429,7 +429,7 @@ def bench_command(
     rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
     images_from: Optional[Path] = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
-    repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by 20 %)."),
+    repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by about 15 %)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     log_dir: Optional[Path] = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
 ) -> None:
