@@ -18,10 +18,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api import admin, review
+from api import admin_routes, ingest_routes, review_routes
 from api.errors import install_error_handlers
-from api.routes import router
-from dfmod import metrics
+
+from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
@@ -52,9 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.heatmaps_requested = {}
     install_error_handlers(app)
-    app.include_router(router)
-    app.include_router(review.router)
-    app.include_router(admin.router)
+    app.include_router(ingest_routes.router)
+    app.include_router(review_routes.router)
+    app.include_router(admin_routes.router)
     app.mount("/review/static", StaticFiles(directory=REVIEW_PAGE), name="review-static")
 
     @app.get("/review", include_in_schema=False)
@@ -81,8 +81,8 @@ def create_app(settings: Settings) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         template = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
-        metrics.HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
+        telemetry.HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
+        telemetry.HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
         return response
 
     @app.get("/healthz", include_in_schema=False)

@@ -28,7 +28,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dfmod import metrics
+from dfmod import telemetry
 from dfmod.db import CallbackDelivery, Item, Review, Verdict, session_scope, utcnow
 from dfmod.queue import CALLBACK_TASK, send_events
 from dfmod.settings import Settings
@@ -87,7 +87,7 @@ def enqueue_events(app: Celery | None, settings: Settings, events: list[tuple[st
     try:
         return send_events(app, settings, CALLBACK_TASK, [list(event) for event in events])
     except Exception:  # noqa: BLE001 - the verdict or review is already committed; do not fail it
-        metrics.TRANSIENT_ERRORS.labels(kind="broker").inc()
+        telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
         logger.warning("could not enqueue %d callback event(s)", len(events), exc_info=True)
         return 0
 
@@ -200,7 +200,7 @@ def deliver(
             )
         )
     outcome = "delivered" if result.delivered else ("retry" if result.retry else "failed")
-    metrics.CALLBACK_ATTEMPTS.labels(event=event_type, outcome=outcome).inc()
+    telemetry.CALLBACK_ATTEMPTS.labels(event=event_type, outcome=outcome).inc()
     log = logger.info if result.delivered else logger.warning
     log("callback %s %s for item %s attempt %d -> %s", event_type, eid, item_id, attempt,
         result.status_code if result.delivered else result.error)

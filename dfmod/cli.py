@@ -266,7 +266,7 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
-from dfmod.training.cli import evaluate_command, train_command  # noqa: E402
+from dfmod.training.commands import evaluate_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)

@@ -15,7 +15,7 @@ from celery import Celery
 from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dfmod import metrics
+from dfmod import telemetry
 from dfmod.db import Item, ItemStatus, insert_ignore, new_id, session_scope, utcnow
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -80,7 +80,7 @@ def record_items(session: Session, new_items: list[NewItem]) -> list[Recorded]:
     for created in (True, False):
         count = sum(1 for result in results if result.created is created)
         if count:
-            metrics.ITEMS_INGESTED.labels(ingest=new_items[0].ingest, created=str(created).lower()).inc(count)
+            telemetry.ITEMS_INGESTED.labels(ingest=new_items[0].ingest, created=str(created).lower()).inc(count)
     return results
 
 
@@ -98,7 +98,7 @@ def enqueue_items(
         enqueue(app, settings, item_ids)
     except Exception:  # noqa: BLE001 - the database is the source of truth; the sweep catches up
         logger.warning("broker unavailable; %d item(s) left for the sweep", len(item_ids), exc_info=True)
-        metrics.TRANSIENT_ERRORS.labels(kind="broker").inc()
+        telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
         return False
     with session_scope(factory) as session:
         session.execute(update(Item).where(Item.id.in_(item_ids)).values(enqueued_at=utcnow()))
@@ -138,7 +138,7 @@ def sweep_stuck_items(factory: sessionmaker[Session], app: Celery, settings: Set
                 item.status = ItemStatus.failed
                 item.failure_reason = "too_many_attempts"
                 item.failure_detail = f"gave up after {item.attempts} attempts"
-                metrics.ITEM_FAILURES.labels(reason="too_many_attempts").inc()
+                telemetry.ITEM_FAILURES.labels(reason="too_many_attempts").inc()
             else:
                 item.status = ItemStatus.queued
                 item.updated_at = now
@@ -148,6 +148,6 @@ def sweep_stuck_items(factory: sessionmaker[Session], app: Celery, settings: Set
             # Sent inside the transaction: if the broker is down the claim rolls back and the next sweep retries.
             enqueue(app, settings, to_enqueue)
     if to_enqueue:
-        metrics.ITEMS_REQUEUED.inc(len(to_enqueue))
+        telemetry.ITEMS_REQUEUED.inc(len(to_enqueue))
         logger.info("sweep re-enqueued %d stuck item(s)", len(to_enqueue))
     return len(to_enqueue)

@@ -42,14 +42,14 @@ class WorkerRuntime:
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
-    from dfmod import metrics
+    from dfmod import telemetry
     from dfmod.detector import Predictor
 
     predictor = Predictor(
         settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads
     )
     predictor.warmup(min(settings.batch_size, 8))
-    metrics.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
+    telemetry.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
     engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     factory = make_session_factory(engine)
     app = make_celery(settings)

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dfmod import metrics
+from dfmod import telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
 from dfmod.detector import Predictor, to_pixels
@@ -126,7 +126,7 @@ class BatchClassifier:
         now = utcnow()
         for item in claimed:
             if item.enqueued_at is not None:
-                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, (now - item.enqueued_at).total_seconds()))
+                telemetry.QUEUE_WAIT_SECONDS.observe(max(0.0, (now - item.enqueued_at).total_seconds()))
 
         outcomes = [Outcome(item=item) for item in claimed]
         fetch_started = time.perf_counter()
@@ -161,17 +161,17 @@ class BatchClassifier:
             if outcome.failure:
                 report.failed += 1
                 report.failures[outcome.item.id] = outcome.failure[0]
-                metrics.ITEM_FAILURES.labels(reason=outcome.failure[0]).inc()
+                telemetry.ITEM_FAILURES.labels(reason=outcome.failure[0]).inc()
             elif outcome.transient:
                 report.retried += 1
-                metrics.TRANSIENT_ERRORS.labels(kind="storage").inc()
+                telemetry.TRANSIENT_ERRORS.labels(kind="storage").inc()
             elif outcome.fake_probability is not None:
                 label = self.predictor.label_for(outcome.fake_probability)
                 reused = outcome.reused_from is not None
                 report.reused += reused
                 report.classified += not reused
-                metrics.IMAGES_CLASSIFIED.labels(label=label, reused=str(reused).lower()).inc()
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+                telemetry.IMAGES_CLASSIFIED.labels(label=label, reused=str(reused).lower()).inc()
+        telemetry.BATCH_SECONDS.observe(time.perf_counter() - started)
         logger.info(
             "batch: %d requested, %d classified, %d reused, %d failed, %d retried, %d skipped in %.3fs "
             "(claim %.3f, fetch+decode %.3f, inference %.3f, persist %.3f)",
@@ -209,7 +209,7 @@ class BatchClassifier:
                     item.failure_reason = "too_many_attempts"
                     item.failure_detail = f"gave up after {item.attempts} attempts"
                     report.failures[item.id] = "too_many_attempts"
-                    metrics.ITEM_FAILURES.labels(reason="too_many_attempts").inc()
+                    telemetry.ITEM_FAILURES.labels(reason="too_many_attempts").inc()
                     continue
                 item.status = ItemStatus.processing
                 item.attempts += 1
@@ -274,8 +274,8 @@ class BatchClassifier:
                 scores = self.predictor.predict_pixels([o.array for o in chunk])
                 elapsed = time.perf_counter() - began
             report.inference_s += elapsed
-            metrics.INFERENCE_SECONDS.observe(elapsed)
-            metrics.BATCH_SIZE.observe(len(chunk))
+            telemetry.INFERENCE_SECONDS.observe(elapsed)
+            telemetry.BATCH_SIZE.observe(len(chunk))
             for outcome, score in zip(chunk, scores):
                 probabilities[outcome.sha256] = float(score)
                 outcome.inference_ms = elapsed * 1000.0 / len(chunk)
@@ -350,7 +350,7 @@ class BatchClassifier:
                 if attempt == attempts:
                     raise
                 logger.warning("database unavailable (attempt %d/%d); retrying in %.1fs", attempt, attempts, delay)
-                metrics.TRANSIENT_ERRORS.labels(kind="database").inc()
+                telemetry.TRANSIENT_ERRORS.labels(kind="database").inc()
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
 

@@ -6,7 +6,7 @@ needs only the training stack.
 
 import typer
 
-from dfmod.training.cli import evaluate_command, train_command
+from dfmod.training.commands import evaluate_command, train_command
 
 app = typer.Typer(help="Train and evaluate the dfmod deepfake detector.", no_args_is_help=True,
                   pretty_exceptions_enable=False)

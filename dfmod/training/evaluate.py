@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dfmod.training import metrics
+from dfmod.training import scores
 from dfmod.training.data import DatasetError, EvalDataset, Sample, scan_labelled_folder
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ def evaluate(
     if not y.size:
         raise DatasetError(f"none of the {len(samples)} images in {folder} could be decoded")
 
-    overall = metrics.summarize(y, p, threshold)
-    at_half = metrics.threshold_metrics(y, p, 0.5)
+    overall = scores.summarize(y, p, threshold)
+    at_half = scores.threshold_metrics(y, p, 0.5)
 
     manifest_path = manifest if manifest is not None else find_manifest(folder)
     sources = read_sources(Path(manifest_path), split=folder.name) if manifest_path else None
@@ -147,8 +147,8 @@ def evaluate(
         names = np.array(sample_sources, dtype=object)
         for source in sorted(set(names[ok])):
             mask = names[ok] == source
-            entry = metrics.summarize(y[mask], p[mask], threshold)
-            entry["at_0.5"] = {k: v for k, v in metrics.threshold_metrics(y[mask], p[mask], 0.5).items()
+            entry = scores.summarize(y[mask], p[mask], threshold)
+            entry["at_0.5"] = {k: v for k, v in scores.threshold_metrics(y[mask], p[mask], 0.5).items()
                                if k in _RATE_KEYS}
             per_source[source] = entry
 
@@ -248,7 +248,7 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, overall: dict, threshold: float, pat
     figure = Figure(figsize=(5, 5), layout="constrained")
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
-    if metrics.both_classes(y):
+    if scores.both_classes(y):
         fpr, tpr, _ = roc_curve(y, p)
         axes.plot(fpr, tpr, label=f"ROC (AUC {overall['roc_auc']:.4f})")
         eer = overall["eer"]

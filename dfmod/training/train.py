@@ -5,7 +5,7 @@
 * ``ckpt.safetensors``: the best epoch's weights with their :class:`~dfmod.detector.ModelMeta` (preprocessing,
   decision threshold, model version, training summary in ``extra``); fp16 with ``half``;
 * ``ckpt.state.pt``: the last epoch's model, optimizer and history, rewritten every epoch; ``resume`` reads it;
-* ``ckpt.metrics.csv`` and ``ckpt.metrics.json``: per-epoch training and validation metrics.
+* ``ckpt.metrics.csv`` and ``ckpt.metrics.json``: per-epoch training and validation scores.
 
 The best epoch is the one with the highest validation ROC-AUC, ties broken by the lower validation loss.
 Randomness is seeded from ``seed`` and the epoch number at the start of every epoch, so a resumed run draws
@@ -44,7 +44,7 @@ from dfmod.detector import (
     save_checkpoint,
     weights_digest,
 )
-from dfmod.training import metrics
+from dfmod.training import scores
 from dfmod.training.data import (
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
@@ -176,8 +176,8 @@ def _check_config(config: TrainConfig) -> None:
         problems.append("--image-size must be at least 32")
     if config.limit_per_class is not None and config.limit_per_class < 1:
         problems.append("--limit-per-class must be at least 1")
-    if config.threshold_rule not in metrics.THRESHOLD_RULES:
-        problems.append(f"--threshold-rule must be one of {', '.join(metrics.THRESHOLD_RULES)}")
+    if config.threshold_rule not in scores.THRESHOLD_RULES:
+        problems.append(f"--threshold-rule must be one of {', '.join(scores.THRESHOLD_RULES)}")
     if not 0 <= config.target_fpr < 1:
         problems.append("--target-fpr must be in [0, 1)")
     if config.workers is not None and config.workers < 0:
@@ -274,9 +274,9 @@ def predict_loader(model, loader, precision: _Precision, device: str, desc: str,
 
 
 def _validation_row(labels: np.ndarray, probs: np.ndarray, config: TrainConfig) -> tuple[dict, float, str]:
-    at_half = metrics.summarize(labels, probs, 0.5)
-    threshold, rule_text = metrics.choose_threshold(labels, probs, config.threshold_rule, config.target_fpr)
-    at_threshold = metrics.threshold_metrics(labels, probs, threshold)
+    at_half = scores.summarize(labels, probs, 0.5)
+    threshold, rule_text = scores.choose_threshold(labels, probs, config.threshold_rule, config.target_fpr)
+    at_threshold = scores.threshold_metrics(labels, probs, threshold)
     row = {
         "val_loss": at_half["loss"],
         "val_accuracy": at_half["accuracy"],

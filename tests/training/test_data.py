@@ -85,7 +85,7 @@ def test_train_refuses_bad_data_before_training(tiny_data, tmp_path):
 def test_cli_reports_bad_data_dir_clearly(tiny_data, tmp_path):
     import typer
 
-    from dfmod.training.cli import train_command
+    from dfmod.training.commands import train_command
 
     shutil.rmtree(tiny_data / "Train")
     app = typer.Typer()

@@ -89,7 +89,7 @@ def test_without_manifest_there_is_no_per_source(trained, tmp_path):
 
 
 def _app():
-    from dfmod.training.cli import evaluate_command, train_command
+    from dfmod.training.commands import evaluate_command, train_command
 
     app = typer.Typer()
     app.command("train")(train_command)

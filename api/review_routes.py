@@ -21,7 +21,7 @@ from sqlalchemy.orm import selectinload
 from api.auth import ReviewKey, link_or_key, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
-from api.routes import _storage_error
+from api.ingest_routes import _storage_error
 from api.schemas import (
     ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
 )
