@@ -57,6 +57,12 @@ class ModelMeta:
     model_version: str = "untrained"
     format: str = CHECKPOINT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # Temperature scaling: P(fake) = sigmoid((logit_fake - logit_real) / temperature). Every threshold stored
+    # here (``threshold`` and the operating points) applies to that calibrated probability.
+    temperature: float = 1.0
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the temperature was fitted, ECE before/after
+    # Named thresholds ("fpr_1", "fpr_5", "balanced") with the validation figures they were chosen on.
+    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -73,6 +79,32 @@ class ModelMeta:
             raise ValueError(f"not a dfmod checkpoint (format {raw.get('format')!r})")
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in raw.items() if key in known})
+
+
+def fake_probability(logits, temperature: float = 1.0):
+    """Calibrated P(fake) from (N, 2) logits (torch or numpy): the softmax of ``logits / temperature``.
+
+    Computed from the logit margin in float64, so confident images do not saturate at exactly 0 or 1 before
+    a threshold is applied. Returns a float32 numpy array.
+    """
+    array = logits.detach().cpu().double().numpy() if hasattr(logits, "detach") else np.asarray(logits, np.float64)
+    margin = (array[:, FAKE_INDEX] - array[:, 1 - FAKE_INDEX]) / float(temperature)
+    return (0.5 * (1.0 + np.tanh(0.5 * margin))).astype(np.float32)  # the logistic function, overflow-free
+
+
+def decision_threshold(meta: ModelMeta, operating_point: str | None = None, override: float | None = None) -> float:
+    """The threshold the service applies: an explicit ``override``, else the named operating point, else the
+    checkpoint's own. An operating point the checkpoint does not hold is an error naming the ones it has."""
+    if override is not None:
+        return float(override)
+    if operating_point:
+        point = meta.operating_points.get(operating_point)
+        if point is None:
+            known = ", ".join(sorted(meta.operating_points)) or "none (run `dfmod calibrate` on it)"
+            raise ModelNotAvailable(f"checkpoint {meta.model_version} has no operating point {operating_point!r}; "
+                                    f"it has: {known}")
+        return float(point["threshold"])
+    return float(meta.threshold)
 
 
 def build_model(meta: ModelMeta, init_checkpoint: Path | None = None):
@@ -279,6 +311,7 @@ class Predictor:
         device: str = "auto",
         threshold: float | None = None,
         torch_threads: int | None = None,
+        operating_point: str | None = None,
     ) -> None:
         import torch
 
@@ -287,7 +320,7 @@ class Predictor:
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
         model, meta = load_checkpoint(self.checkpoint_path)
         self.meta = meta
-        self.threshold = meta.threshold if threshold is None else threshold
+        self.threshold = decision_threshold(meta, operating_point, threshold)
         self.device = pick_device(device)
         self._torch = torch
         folded = fold_batchnorm(model)
@@ -328,8 +361,7 @@ class Predictor:
         if not arrays:
             return np.zeros((0,), dtype=np.float32)
         batch = self._torch.from_numpy(np.stack(arrays))
-        logits = self.logits(batch)
-        return self._torch.softmax(logits, dim=1)[:, FAKE_INDEX].numpy()
+        return fake_probability(self.logits(batch), self.meta.temperature)
 
     def predict_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Fake probabilities for uint8 HWC images of the model's size (see :func:`to_pixels`)."""
@@ -339,8 +371,7 @@ class Predictor:
         batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
         # NHWC uint8 permuted to NCHW is already channels_last in memory: no copy before the model.
         batch = (batch.permute(0, 3, 1, 2).float() - self._mean) / self._std
-        logits = self.logits(batch)
-        return torch.softmax(logits, dim=1)[:, FAKE_INDEX].numpy()
+        return fake_probability(self.logits(batch), self.meta.temperature)
 
     def predict_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.predict_pixels([to_pixels(image, self.meta) for image in images])

@@ -79,7 +79,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")
     checkpoint: Path | None = Field(None, description="Model checkpoint (.safetensors); default: the shipped one.")
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="Override the checkpoint's decision threshold on fake probability."
+        None, ge=0.0, le=1.0,
+        description="Override the checkpoint's decision threshold on (calibrated) fake probability; wins over "
+        "operating_point.",
+    )
+    operating_point: str | None = Field(
+        None,
+        description="Named operating point stored in the checkpoint (fpr_1, fpr_5, balanced; see `dfmod "
+        "calibrate`) whose threshold the worker applies; unset: the checkpoint's default threshold.",
     )
     batch_size: int = Field(32, ge=1, description="Most tasks classified in one forward pass.")
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait for a batch to fill before it runs anyway.")
@@ -110,7 +117,8 @@ class Settings(BaseSettings):
     # --- review ------------------------------------------------------------------------------------
     review_band: float = Field(
         0.0, ge=0.0, le=1.0,
-        description="Items scoring within this much below their verdict's threshold go to the review queue too.",
+        description="Items scoring within this much (in calibrated probability) below their verdict's threshold "
+        "go to the review queue too.",
     )
     claim_lease_s: int = Field(300, ge=10, description="How long a claimed review item stays reserved to its reviewer.")
     claim_max: int = Field(50, ge=1, description="Most items one claim may hand out.")

@@ -46,7 +46,8 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     from dfmod.detector import Predictor
 
     predictor = Predictor(
-        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads
+        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
+        operating_point=settings.operating_point,
     )
     predictor.warmup(min(settings.batch_size, 8))
     telemetry.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)

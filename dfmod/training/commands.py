@@ -53,9 +53,21 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class Recipe(str, Enum):
+    paper = "paper"
+    transfer = "transfer"
+
+
+class Sampling(str, Enum):
+    balanced = "balanced"
+    uniform = "uniform"
+
+
 def train_command(
-    data_dir: Annotated[Path, typer.Argument(help="Data set folder: Train/, Validation/ (and Test/), each with "
-                                                  "Real/ and Fake/ (any case).", show_default=False)],
+    data_dirs: Annotated[list[Path], typer.Argument(
+        help="One or more data set folders: Train/, Validation/ (and Test/), each with Real/ and Fake/ (any "
+             "case), optionally a manifest.csv naming each file's source. Several folders are mixed.",
+        show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Best checkpoint to write (.safetensors); "
                                       "CKPT.state.pt, CKPT.metrics.csv and CKPT.metrics.json go beside it.",
                                       show_default=False)],
@@ -69,12 +81,41 @@ def train_command(
     image_size: Annotated[int, typer.Option(help=f"Square model input in pixels ({PAPER} 224).")] = 224,
     mean: Annotated[str, typer.Option(help="Normalisation mean R,G,B (ImageNet).")] = "0.485,0.456,0.406",
     std: Annotated[str, typer.Option(help="Normalisation std R,G,B (ImageNet).")] = "0.229,0.224,0.225",
-    hflip: Annotated[float, typer.Option(help="Augmentation: horizontal-flip probability.")] = 0.5,
-    rotation: Annotated[float, typer.Option(help="Augmentation: random rotation range, +/- degrees.")] = 10.0,
-    brightness: Annotated[float, typer.Option(help="Augmentation: colour-jitter brightness.")] = 0.2,
-    contrast: Annotated[float, typer.Option(help="Augmentation: colour-jitter contrast.")] = 0.2,
-    saturation: Annotated[float, typer.Option(help="Augmentation: colour-jitter saturation.")] = 0.2,
-    hue: Annotated[float, typer.Option(help="Augmentation: colour-jitter hue.")] = 0.05,
+    recipe: Annotated[Recipe, typer.Option(
+        help="Augmentation recipe: paper (flip, rotation, colour jitter: the baseline) or transfer (paper + "
+             "random resized crops, Gaussian blur and JPEG re-encoding at random strengths, each p=0.5, after "
+             "Wang et al. 2020). The options below override single values.")] = Recipe.paper,
+    sampling: Annotated[Optional[Sampling], typer.Option(
+        help="uniform: every training image once per epoch; balanced: --epoch-size draws weighted so every "
+             "data folder, and real and fake within it, get equal shares (default: balanced with several "
+             "folders or --recipe transfer, else uniform).", show_default=False)] = None,
+    epoch_size: Annotated[Optional[int], typer.Option(help="Images per epoch with balanced sampling (default: "
+                                                           "the training set's size).", show_default=False)] = None,
+    source_power: Annotated[float, typer.Option(help="Balanced sampling: a source's share within its (folder, "
+                                                     "label) grows as n**power (0: all sources alike, 1: as "
+                                                     "the data has them).")] = 0.5,
+    exclude_source: Annotated[Optional[list[str]], typer.Option(
+        help="Leave this source (from manifest.csv) out of Train and Validation; repeatable.",
+        show_default=False)] = None,
+    hflip: Annotated[Optional[float], typer.Option(help="Augmentation: horizontal-flip probability (0.5).",
+                                                   show_default=False)] = None,
+    rotation: Annotated[Optional[float], typer.Option(help="Augmentation: random rotation range, +/- degrees "
+                                                           "(10).", show_default=False)] = None,
+    brightness: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter brightness (0.2).",
+                                                        show_default=False)] = None,
+    contrast: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter contrast (0.2).",
+                                                      show_default=False)] = None,
+    saturation: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter saturation (0.2).",
+                                                        show_default=False)] = None,
+    hue: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter hue (0.05).",
+                                                 show_default=False)] = None,
+    crop_prob: Annotated[Optional[float], typer.Option(help="Augmentation: random-resized-crop probability "
+                                                            "(transfer 0.5).", show_default=False)] = None,
+    blur_prob: Annotated[Optional[float], typer.Option(help="Augmentation: Gaussian-blur probability, sigma "
+                                                            "U(0, 3) (transfer 0.5).", show_default=False)] = None,
+    jpeg_prob: Annotated[Optional[float], typer.Option(help="Augmentation: JPEG re-encoding probability, quality "
+                                                            "U{30..100} (transfer 0.5).",
+                                                       show_default=False)] = None,
     threshold_rule: Annotated[ThresholdRule, typer.Option(
         help="How the 'fake' threshold is chosen on validation: f1 = maximise F1; fpr = lowest threshold "
              "whose false-positive rate is <= --target-fpr (moderation).")] = ThresholdRule.f1,
@@ -83,12 +124,16 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling, augmentation and subsets.")] = 42,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present; CUDA trains channels_last "
                                                 "with autocast.")] = Device.auto,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU).")] = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
+    cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16/--no-cpu-bf16", help="bf16 autocast on CPU (fast only on "
+                                                                            "CPUs with avx512_bf16 or AMX).")] = False,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: min(8, CPU "
                                                         "count)).", show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from local timm-compatible weights (.safetensors "
-                                                      "or .pth); its classifier is replaced. Default: random "
-                                                      "initialisation. Nothing is downloaded.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from local weights: a dfmod checkpoint (e.g. the "
+                                                      "shipped model) is loaded whole, head included; other "
+                                                      "timm-compatible weights (.safetensors or .pth) lose their "
+                                                      "classifier. Default: random initialisation. Nothing is "
+                                                      "downloaded.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run from its CKPT.state.pt (or its CKPT); "
                                                         "--epochs is the total.")] = None,
     half: Annotated[bool, typer.Option("--half", help="Store the best checkpoint in fp16 (half the size, "
@@ -99,7 +144,7 @@ def train_command(
                                                              "data folder's name).", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
-    """Train the MobileNetV4-Small deepfake detector with the paper's recipe.
+    """Train the MobileNetV4-Small deepfake detector (the paper's recipe by default).
 
     Defaults follow the paper: 224x224 input, ImageNet mean/std, batch 32,
     Adam lr 0.001, cross-entropy, 11 epochs, dropout 0.2 before the dense head,
@@ -107,22 +152,32 @@ def train_command(
     Training augmentation: horizontal flip p=0.5, rotation +/-10 degrees,
     colour jitter brightness 0.2, contrast 0.2, saturation 0.2, hue 0.05.
     Validation: resize and normalise only (the service's preprocessing).
-    Every epoch is validated (loss, accuracy, ROC-AUC). OUT keeps the best
-    epoch (highest validation ROC-AUC, ties by lower loss) with its decision
-    threshold (chosen on validation), preprocessing and model version.
+    --recipe transfer adds random resized crops, blur and JPEG re-encoding
+    and balanced sampling over several data folders.
+    Every epoch is validated (loss, accuracy, ROC-AUC, per folder and per
+    source). OUT keeps the best epoch (highest validation ROC-AUC, the mean
+    over folders when there are several; ties by lower loss), calibrated by
+    temperature scaling on validation, with its decision threshold and the
+    operating points fpr_1, fpr_5 and balanced, preprocessing and model version.
     """
     _setup_logging()
     from dfmod.training.data import Augmentation, DatasetError
     from dfmod.training.train import TrainConfig, TrainingError, train
 
+    overrides = {name: value for name, value in (
+        ("hflip", hflip), ("rotation", rotation), ("brightness", brightness), ("contrast", contrast),
+        ("saturation", saturation), ("hue", hue), ("crop_prob", crop_prob), ("blur_prob", blur_prob),
+        ("jpeg_prob", jpeg_prob)) if value is not None}
+    if sampling is None:
+        sampling = Sampling.balanced if len(data_dirs) > 1 or recipe is Recipe.transfer else Sampling.uniform
     config = TrainConfig(
-        data_dir=data_dir, out=out, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-        drop_rate=drop_rate, image_size=image_size, mean=_triple(mean, "--mean"), std=_triple(std, "--std"),
-        augmentation=Augmentation(hflip=hflip, rotation=rotation, brightness=brightness, contrast=contrast,
-                                  saturation=saturation, hue=hue),
-        seed=seed, device=device.value, workers=workers, amp=amp, init=init, resume=resume, half=half,
-        limit_per_class=limit_per_class, threshold_rule=threshold_rule.value, target_fpr=target_fpr,
-        progress=progress, dataset_name=dataset_name,
+        data_dir=list(data_dirs), out=out, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, drop_rate=drop_rate, image_size=image_size, mean=_triple(mean, "--mean"),
+        std=_triple(std, "--std"), augmentation=Augmentation.recipe(recipe.value, **overrides), recipe=recipe.value,
+        sampling=sampling.value, epoch_size=epoch_size, source_power=source_power,
+        exclude_sources=tuple(exclude_source or ()), seed=seed, device=device.value, workers=workers, amp=amp,
+        cpu_bf16=cpu_bf16, init=init, resume=resume, half=half, limit_per_class=limit_per_class,
+        threshold_rule=threshold_rule.value, target_fpr=target_fpr, progress=progress, dataset_name=dataset_name,
     )
     _require_device(device)
     try:
@@ -178,6 +233,59 @@ def evaluate_command(
         raise _fail(exc) from None
     print_report(result)
     typer.echo(f"report: {report / REPORT_FILE}")
+
+
+class CalibrationThreshold(str, Enum):
+    keep = "keep"
+    f1 = "f1"
+    fpr = "fpr"
+
+
+def calibrate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to calibrate (e.g. the shipped model).",
+                                               show_default=False)],
+    data_dirs: Annotated[list[Path], typer.Argument(help="Data set folder(s) whose Validation/ split fits the "
+                                                         "temperature.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibrated checkpoint to write (same weights).",
+                                      show_default=False)],
+    threshold_rule: Annotated[CalibrationThreshold, typer.Option(
+        help="keep: the checkpoint's threshold moved onto the calibrated scale (same decisions); f1 or fpr: "
+             "chosen afresh on calibrated validation scores.")] = CalibrationThreshold.keep,
+    target_fpr: Annotated[float, typer.Option(help="Target validation FPR for --threshold-rule fpr.")] = 0.01,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
+    limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N images per class per folder "
+                                                                "(smoke runs).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Add temperature scaling and operating points (fpr_1, fpr_5, balanced) to an existing checkpoint.
+
+    Fits the temperature on the Validation split of DATA_DIRS (minimum NLL),
+    stores it with each operating point's threshold (on calibrated
+    probability) and validation figures, and writes the same weights to OUT.
+    """
+    _setup_logging()
+    from dfmod.detector import ModelNotAvailable, pick_device
+    from dfmod.training.calibration import calibrate_checkpoint
+    from dfmod.training.data import DatasetError
+
+    _require_device(device)
+    try:
+        meta = calibrate_checkpoint(checkpoint, data_dirs, out, threshold_rule=threshold_rule.value,
+                                    target_fpr=target_fpr, device=pick_device(device.value), batch_size=batch_size,
+                                    workers=workers, limit_per_class=limit_per_class, progress=progress)
+    except (DatasetError, ModelNotAvailable, ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    record = meta.calibration
+    typer.echo(f"temperature {meta.temperature:.4f} on {record['n']} validation images: ECE "
+               f"{record['ece_before']:.4f} -> {record['ece_after']:.4f}, NLL {record['nll_before']:.4f} -> "
+               f"{record['nll_after']:.4f}")
+    for name, point in meta.operating_points.items():
+        typer.echo(f"  {name:<9} threshold {point['threshold']:.4f}: validation FPR "
+                   f"{_fmt(point['false_positive_rate'], True)}, recall {_fmt(point['recall'], True)}")
+    typer.echo(f"threshold {meta.threshold:.4f} ({meta.threshold_rule})")
+    typer.echo(f"model version {meta.model_version}: {out}")
 
 
 def _fmt(value: Any, percent: bool = False) -> str:

@@ -1,9 +1,10 @@
 """``dfmod evaluate``: score a checkpoint on a folder of ``Real/`` and ``Fake/`` images and write a report.
 
 The images go through the worker's path (:func:`dfmod.imaging.decode_image`, :func:`dfmod.detector.preprocess`,
-:class:`dfmod.detector.Predictor`), so the report describes what the service would decide. The report folder
-receives ``report.json`` (metrics at the checkpoint's threshold at top level, the rest nested),
-``confusion_matrix.png``, ``roc_curve.png`` and ``predictions.csv`` (one row per image).
+:class:`dfmod.detector.Predictor`, the checkpoint's temperature), so the report describes what the service
+would decide. The report folder receives ``report.json`` (metrics at the checkpoint's threshold at top level,
+the rest nested; calibration (ECE) and every operating point stored in the checkpoint), ``confusion_matrix.png``,
+``roc_curve.png``, ``reliability.png`` and ``predictions.csv`` (one row per image).
 
 When a ``manifest.csv`` with ``file`` and ``source`` columns lies in the folder or its parent (as in the
 faces256 data set), the metrics are also broken down per source; metrics a single-class source cannot have
@@ -23,44 +24,29 @@ from typing import Any
 
 import numpy as np
 
-from dfmod.training import scores
-from dfmod.training.data import DatasetError, EvalDataset, Sample, scan_labelled_folder
+from dfmod.training import calibration, scores
+from dfmod.training.data import (
+    MANIFEST,
+    UNKNOWN_SOURCE,
+    DatasetError,
+    EvalDataset,
+    Sample,
+    find_manifest,
+    read_sources,
+    scan_labelled_folder,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc_curve.png"
+RELIABILITY_PNG = "reliability.png"
 PREDICTIONS_CSV = "predictions.csv"
-MANIFEST = "manifest.csv"
-UNKNOWN_SOURCE = "(not in manifest)"
 TOP_LEVEL = ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer")
 _RATE_KEYS = ("accuracy", "precision", "recall", "f1", "false_positive_rate", "false_negative_rate",
               "specificity", "confusion_matrix")
-
-
-def find_manifest(folder: Path) -> Path | None:
-    """``manifest.csv`` in the folder, else in its parent (faces256 keeps it beside Train/Validation/Test)."""
-    for candidate in (folder / MANIFEST, folder.parent / MANIFEST):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def read_sources(manifest: Path, split: str | None = None) -> dict[str, str]:
-    """File name -> source from a manifest; rows of ``split`` win when the manifest has a split column."""
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        if not {"file", "source"} <= columns:
-            raise DatasetError(f"{manifest} needs the columns file and source (has {', '.join(sorted(columns))})")
-        rows = list(reader)
-    sources: dict[str, str] = {}
-    # Rows from other splits fill in only names the folder's own split lacks.
-    preferred = [r for r in rows if split and r.get("split", "").lower() == split.lower()]
-    for row in preferred + rows:
-        sources.setdefault(Path(row["file"]).name, row["source"] or UNKNOWN_SOURCE)
-    return sources
+__all__ = ["MANIFEST", "UNKNOWN_SOURCE", "evaluate", "find_manifest", "read_sources"]
 
 
 def _sha256(path: Path) -> str:
@@ -72,7 +58,6 @@ def _sha256(path: Path) -> str:
 
 
 def _run(predictor, samples: list[Sample], batch_size: int, workers: int, progress: bool):
-    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -91,8 +76,10 @@ def _run(predictor, samples: list[Sample], batch_size: int, workers: int, progre
         if not ok:
             continue
         logits = predictor.logits(images[ok])
-        # float64 softmax: float32 saturates at 1.0 for confident images and inflates the loss.
-        probs[indices[ok].numpy()] = torch.softmax(logits.double(), dim=1)[:, FAKE_INDEX].numpy()
+        # The service's detector.fake_probability, kept in float64: float32 saturates at 1.0 for confident
+        # images and inflates the loss.
+        margin = (logits[:, FAKE_INDEX] - logits[:, 1 - FAKE_INDEX]).double().numpy()
+        probs[indices[ok].numpy()] = calibration.sigmoid(margin, predictor.meta.temperature)
     return probs, errors
 
 
@@ -150,12 +137,25 @@ def evaluate(
             entry = scores.summarize(y[mask], p[mask], threshold)
             entry["at_0.5"] = {k: v for k, v in scores.threshold_metrics(y[mask], p[mask], 0.5).items()
                                if k in _RATE_KEYS}
+            entry["ece"] = calibration.expected_calibration_error(y[mask], p[mask])
             per_source[source] = entry
+
+    calibration_report = {
+        **calibration.calibration_summary(y, p),
+        "temperature": meta.temperature,
+        "fitted": meta.calibration or None,
+    }
+    operating = {name: {"threshold": point["threshold"], "validation": point,
+                        "test": {k: v for k, v in scores.threshold_metrics(y, p, point["threshold"]).items()
+                                 if k in _RATE_KEYS}}
+                 for name, point in meta.operating_points.items()}
 
     report_dir.mkdir(parents=True, exist_ok=True)
     _plot_confusion(overall["confusion_matrix"], at_half["confusion_matrix"], threshold,
                     report_dir / CONFUSION_PNG)
     _plot_roc(y, p, overall, threshold, report_dir / ROC_PNG)
+    calibration.plot_reliability(y, p, report_dir / RELIABILITY_PNG,
+                                 title=f"reliability, T={meta.temperature:.3f}")
     _write_predictions(report_dir / PREDICTIONS_CSV, folder, samples, probs, errors, sample_sources, threshold)
 
     checkpoint_path = predictor.checkpoint_path
@@ -186,10 +186,13 @@ def evaluate(
         },
         "manifest": str(manifest_path) if manifest_path else None,
         "per_source": per_source,
+        "calibration": calibration_report,
+        "operating_points": operating,
         "device": predictor.device,
         "seconds": round(seconds, 3),
         "images_per_second": round(len(samples) / seconds, 2) if seconds else None,
-        "outputs": {"confusion_matrix": CONFUSION_PNG, "roc_curve": ROC_PNG, "predictions": PREDICTIONS_CSV},
+        "outputs": {"confusion_matrix": CONFUSION_PNG, "roc_curve": ROC_PNG, "reliability": RELIABILITY_PNG,
+                    "predictions": PREDICTIONS_CSV},
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     })
     (report_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -4,8 +4,8 @@ The paper's set (loss, accuracy, precision, recall, F1, ROC-AUC) plus average pr
 rate, computed with scikit-learn. "Positive" is always the fake class and an image counts as fake when its
 probability is ``>= threshold``, the rule :meth:`dfmod.detector.Predictor.label_for` applies in the service.
 
-Undefined values (ROC-AUC of a single-class set, recall with no fakes, ...) are ``None``, never NaN, so every
-result can go straight into JSON.
+Undefined values (ROC-AUC of a single-class set; recall, precision and F1 of a set with no fakes, ...) are
+``None``, never NaN or 0.0, so every result can go straight into JSON.
 """
 
 from __future__ import annotations
@@ -106,6 +106,10 @@ def threshold_metrics(labels, probs, threshold: float) -> dict[str, Any]:
     else:
         precision = recall = f1 = None
     negatives, positives = tn + fp, fn + tp
+    if not positives:
+        # With no fakes, precision is 0 whenever a real is flagged and undefined otherwise, and F1 and recall
+        # are undefined: report them as undefined (null), not as a 0.0 that reads like a failing detector.
+        precision = recall = f1 = None
     return {
         "threshold": float(threshold),
         "n": n,

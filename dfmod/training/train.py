@@ -1,15 +1,21 @@
-"""Training loop of ``dfmod train``: the paper's recipe, model selection, threshold choice and checkpoints.
+"""Training loop of ``dfmod train``: recipes, balanced sampling, model selection, calibration and checkpoints.
 
 :func:`train` takes a :class:`TrainConfig` and writes, beside ``config.out`` (say ``run/ckpt.safetensors``):
 
 * ``ckpt.safetensors``: the best epoch's weights with their :class:`~dfmod.detector.ModelMeta` (preprocessing,
-  decision threshold, model version, training summary in ``extra``); fp16 with ``half``;
+  temperature, decision threshold and named operating points, model version, training summary in ``extra``);
+  fp16 with ``half``;
 * ``ckpt.state.pt``: the last epoch's model, optimizer and history, rewritten every epoch; ``resume`` reads it;
-* ``ckpt.metrics.csv`` and ``ckpt.metrics.json``: per-epoch training and validation scores.
+* ``ckpt.metrics.csv`` and ``ckpt.metrics.json``: per-epoch training and validation scores, per source too.
 
-The best epoch is the one with the highest validation ROC-AUC, ties broken by the lower validation loss.
-Randomness is seeded from ``seed`` and the epoch number at the start of every epoch, so a resumed run draws
-the same shuffles, augmentations and dropout masks as an uninterrupted one.
+Training may mix several data roots (faces256 and dfdc224). With ``sampling="balanced"`` every epoch draws
+``epoch_size`` images with replacement, weighted by :func:`~dfmod.training.data.balanced_weights` so each root,
+and real and fake within it, get equal shares. The best epoch is the one with the highest validation ROC-AUC
+(with several roots, the mean of the roots' ROC-AUCs, so the larger validation set does not decide alone),
+ties broken by the lower validation loss. The best epoch's validation scores then fit a temperature and the
+operating points (:mod:`dfmod.training.calibration`). Randomness is seeded from ``seed`` and the epoch number
+at the start of every epoch, so a resumed run draws the same samples, augmentations and dropout masks as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from dfmod.detector import (
@@ -41,24 +47,32 @@ from dfmod.detector import (
     ModelMeta,
     build_model,
     pick_device,
+    read_meta,
     save_checkpoint,
     weights_digest,
 )
-from dfmod.training import scores
+from dfmod.training import calibration, scores
 from dfmod.training.data import (
+    RECIPES,
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
     Augmentation,
     DatasetError,
     EvalDataset,
+    Sample,
     TrainDataset,
+    balanced_weights,
     check_readable,
-    scan_dataset,
+    group_counts,
+    root_name,
+    scan_roots,
 )
 
 logger = logging.getLogger(__name__)
 
 SELECTION_RULE = "highest validation ROC-AUC; ties broken by lower validation loss"
+SELECTION_RULE_ROOTS = "highest mean of the data roots' validation ROC-AUCs; ties broken by lower validation loss"
+SAMPLING = ("balanced", "uniform")
 STATE_FORMAT = "dfmod-train-state/1"
 VERSION_PREFIX = "mnv4s"
 
@@ -73,9 +87,9 @@ def default_workers() -> int:
 
 @dataclass
 class TrainConfig:
-    """Options of ``dfmod train``; the defaults are the paper's settings."""
+    """Options of ``dfmod train``; the defaults are the paper's settings, except where noted."""
 
-    data_dir: Path
+    data_dir: Path | list[Path]  # one data root or several (mixed with balanced sampling)
     out: Path
     epochs: int = 11
     batch_size: int = 32
@@ -90,7 +104,13 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     workers: int | None = None  # None: min(8, CPU count)
-    amp: bool = True  # bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing); ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing)
+    cpu_bf16: bool = False  # bf16 autocast on CPU too (fast only where the CPU has avx512_bf16 or AMX)
+    recipe: str = "paper"  # the augmentation recipe ``augmentation`` was built from (recorded; see Augmentation)
+    sampling: str = "uniform"  # uniform: every training image once per epoch; balanced: see balanced_weights
+    epoch_size: int | None = None  # images drawn per epoch with balanced sampling (default: the training set's size)
+    source_power: float = 0.5  # balanced sampling: a source's share within its (root, label) grows as n ** power
+    exclude_sources: tuple[str, ...] = ()  # sources left out of Train and Validation (leave-one-source-out)
     init: Path | None = None
     resume: Path | None = None
     half: bool = False
@@ -98,7 +118,12 @@ class TrainConfig:
     threshold_rule: str = "f1"
     target_fpr: float = 0.01
     progress: bool = True
-    dataset_name: str | None = None  # for the model version; defaults to the data folder's name
+    dataset_name: str | None = None  # for the model version; defaults to the data folders' names joined by "+"
+
+    @property
+    def data_dirs(self) -> list[Path]:
+        roots = self.data_dir if isinstance(self.data_dir, (list, tuple)) else [self.data_dir]
+        return [Path(root) for root in roots]
 
 
 @dataclass
@@ -186,8 +211,49 @@ def _check_config(config: TrainConfig) -> None:
         problems.append(f"--init checkpoint {config.init} does not exist")
     if config.resume is not None and not state_path_for(config.resume).is_file():
         problems.append(f"--resume state {state_path_for(config.resume)} does not exist")
+    if config.recipe not in RECIPES:
+        problems.append(f"--recipe must be one of {', '.join(RECIPES)}")
+    if config.sampling not in SAMPLING:
+        problems.append(f"--sampling must be one of {', '.join(SAMPLING)}")
+    if config.epoch_size is not None and config.epoch_size < config.batch_size:
+        problems.append("--epoch-size must be at least one batch")
+    if not 0 <= config.source_power <= 1:
+        problems.append("--source-power must be in [0, 1]")
+    if not config.data_dirs:
+        problems.append("give at least one data folder")
+    problems.extend(config.augmentation.problems())
     if problems:
         raise TrainingError("; ".join(problems))
+
+
+def load_init_weights(model, path: Path) -> str:
+    """Load ``--init`` weights into ``model``; returns what was loaded.
+
+    A dfmod checkpoint (the shipped model, stored in fp16) of the same architecture is loaded whole, head
+    included, cast to the model's dtypes, so fine-tuning starts from the detector itself; any other file
+    goes through timm's pretrained loader in :func:`~dfmod.detector.build_model` (classifier dropped).
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    reference = model.state_dict()
+    mismatched = [name for name, tensor in reference.items()
+                  if name not in state or tuple(state[name].shape) != tuple(tensor.shape)]
+    if mismatched or set(state) - set(reference):
+        raise TrainingError(f"--init {path} does not fit the model: {len(mismatched)} missing or mis-shaped "
+                            f"tensors (first: {mismatched[:3]})")
+    model.load_state_dict({name: state[name].to(tensor.dtype) for name, tensor in reference.items()})
+    return "dfmod checkpoint, head included"
+
+
+def _is_dfmod_checkpoint(path: Path) -> bool:
+    if not str(path).endswith(".safetensors"):
+        return False
+    try:
+        read_meta(path)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _initial_meta(config: TrainConfig) -> ModelMeta:
@@ -201,13 +267,16 @@ def _initial_meta(config: TrainConfig) -> ModelMeta:
 
 
 class _Precision:
-    """Autocast settings for a device: bf16 on CUDA when supported, fp16 with a grad scaler otherwise."""
+    """Autocast settings for a device: bf16 on CUDA when supported, fp16 with a grad scaler otherwise; bf16 on
+    CPU only when asked (``cpu_bf16``), since without native bf16 instructions it is slower than fp32."""
 
-    def __init__(self, device: str, amp: bool) -> None:
+    def __init__(self, device: str, amp: bool, cpu_bf16: bool = False) -> None:
         self.device = device
         self.dtype = None
         if device == "cuda" and amp:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif device == "cpu" and cpu_bf16:
+            self.dtype = torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     def autocast(self):
@@ -273,7 +342,20 @@ def predict_loader(model, loader, precision: _Precision, device: str, desc: str,
     return np.concatenate(labels), np.concatenate(probs), errors
 
 
-def _validation_row(labels: np.ndarray, probs: np.ndarray, config: TrainConfig) -> tuple[dict, float, str]:
+def per_group_scores(labels: np.ndarray, probs: np.ndarray, groups: list[str], threshold: float) -> dict[str, dict]:
+    """Scores per group (source or root) at ``threshold``: n, accuracy, ROC-AUC, recall, false-positive rate."""
+    names = np.array(groups, dtype=object)
+    result = {}
+    for name in sorted(set(groups)):
+        mask = names == name
+        summary = scores.summarize(labels[mask], probs[mask], threshold)
+        result[name] = {key: summary[key] for key in ("n", "n_real", "n_fake", "accuracy", "roc_auc", "recall",
+                                                       "false_positive_rate", "loss")}
+    return result
+
+
+def _validation_row(labels: np.ndarray, probs: np.ndarray, config: TrainConfig,
+                    samples: list[Sample] | None = None) -> tuple[dict, float, str]:
     at_half = scores.summarize(labels, probs, 0.5)
     threshold, rule_text = scores.choose_threshold(labels, probs, config.threshold_rule, config.target_fpr)
     at_threshold = scores.threshold_metrics(labels, probs, threshold)
@@ -291,11 +373,20 @@ def _validation_row(labels: np.ndarray, probs: np.ndarray, config: TrainConfig) 
         "val_f1_at_threshold": at_threshold["f1"],
         "val_fpr_at_threshold": at_threshold["false_positive_rate"],
     }
+    if samples is not None:
+        domains = per_group_scores(labels, probs, [s.domain for s in samples], threshold)
+        aucs = [d["roc_auc"] for d in domains.values()]
+        row["val_mean_root_roc_auc"] = (float(np.mean(aucs)) if len(domains) > 1 and None not in aucs
+                                        else row["val_roc_auc"])
+        for group in (domains, per_group_scores(labels, probs, [s.source for s in samples], threshold)):
+            for name, entry in group.items():
+                for key in ("roc_auc", "accuracy", "false_positive_rate", "recall"):
+                    row[f"val_{key}[{name}]"] = entry[key]
     return row, threshold, rule_text
 
 
 def _selection_key(row: dict) -> tuple[float, float]:
-    auc = row["val_roc_auc"]
+    auc = row.get("val_mean_root_roc_auc", row["val_roc_auc"])
     return (auc if auc is not None else float("-inf"), -row["val_loss"])
 
 
@@ -320,6 +411,13 @@ def _public_config(config: TrainConfig, dataset: str) -> dict[str, Any]:
     """The settings worth recording, without machine paths (checkpoints travel)."""
     return {
         "dataset": dataset,
+        "data_roots": [root_name(root) for root in config.data_dirs],
+        "recipe": config.recipe,
+        "sampling": config.sampling,
+        "epoch_size": config.epoch_size,
+        "source_power": config.source_power if config.sampling == "balanced" else None,
+        "exclude_sources": list(config.exclude_sources),
+        "cpu_bf16": config.cpu_bf16,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "optimizer": "Adam",
@@ -343,7 +441,8 @@ def _public_config(config: TrainConfig, dataset: str) -> dict[str, Any]:
 
 
 # Settings a resumed run must share with the run that wrote the state, or the weights would not fit.
-_RESUME_MUST_MATCH = ("image_size", "drop_rate", "mean", "std", "dataset", "limit_per_class", "seed")
+_RESUME_MUST_MATCH = ("image_size", "drop_rate", "mean", "std", "dataset", "limit_per_class", "seed",
+                      "exclude_sources")
 
 
 def _load_state(path: Path, public: dict[str, Any]) -> dict[str, Any]:
@@ -351,24 +450,39 @@ def _load_state(path: Path, public: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path} is not a dfmod training state (expected {STATE_FORMAT})")
     saved = state["config"]
-    mismatched = [f"{key}: saved {saved.get(key)!r}, now {public.get(key)!r}"
-                  for key in _RESUME_MUST_MATCH if saved.get(key) != public.get(key)]
+    defaults = {"exclude_sources": []}  # states written before the key existed
+    mismatched = [f"{key}: saved {saved.get(key, defaults.get(key))!r}, now {public.get(key)!r}"
+                  for key in _RESUME_MUST_MATCH if saved.get(key, defaults.get(key)) != public.get(key)]
     if mismatched:
         raise TrainingError(f"cannot resume from {path}; settings differ: " + "; ".join(mismatched))
     return state
 
 
 def _write_history(paths: OutputPaths, history: list[dict], summary: dict[str, Any]) -> None:
-    columns = list(history[0].keys())
+    columns = list(dict.fromkeys(key for row in history for key in row))
     tmp = paths.metrics_csv.with_name(paths.metrics_csv.name + ".tmp")
     with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, paths.metrics_csv)
     tmp = paths.metrics_json.with_name(paths.metrics_json.name + ".tmp")
     tmp.write_text(json.dumps({**summary, "history": history}, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, paths.metrics_json)
+
+
+def calibrated_meta(meta: ModelMeta, labels: np.ndarray, probs: np.ndarray, threshold_rule: str,
+                    target_fpr: float) -> ModelMeta:
+    """``meta`` with a temperature fitted on validation ``probs`` (uncalibrated), the operating points, and
+    ``threshold`` re-chosen by the run's rule on the calibrated probabilities (the same decisions: temperature
+    scaling keeps the order)."""
+    margins = calibration.margins_from_probabilities(probs)
+    temperature, record, points = calibration.calibrate(labels, margins)
+    calibrated = calibration.sigmoid(margins, temperature)
+    threshold, rule_text = scores.choose_threshold(labels, calibrated, threshold_rule, target_fpr)
+    rule = threshold_rule if threshold_rule == "f1" else f"fpr<={target_fpr:g}"
+    return replace(meta, temperature=temperature, calibration=record, operating_points=points,
+                   threshold=float(threshold), threshold_rule=f"{rule}: {rule_text} (calibrated probability)")
 
 
 def _export(best_state: dict[str, torch.Tensor], meta: ModelMeta, path: Path, half: bool) -> ModelMeta:
@@ -388,28 +502,35 @@ def train(config: TrainConfig) -> TrainResult:
     paths = OutputPaths.beside(config.out)
     device = pick_device(config.device)
     workers = default_workers() if config.workers is None else config.workers
-    data_dir = Path(config.data_dir)
-    dataset = config.dataset_name or data_dir.resolve().name
+    roots = config.data_dirs
+    dataset = config.dataset_name or "+".join(root_name(root) for root in roots)
     public = _public_config(config, dataset)
 
-    splits = scan_dataset(data_dir, (TRAIN_SPLIT, VALIDATION_SPLIT), limit_per_class=config.limit_per_class,
-                          seed=config.seed)
+    splits = scan_roots(roots, (TRAIN_SPLIT, VALIDATION_SPLIT), limit_per_class=config.limit_per_class,
+                        seed=config.seed, exclude_sources=config.exclude_sources)
     train_samples, val_samples = splits[TRAIN_SPLIT], splits[VALIDATION_SPLIT]
     check_readable(train_samples + val_samples, threads=max(4, workers))
     if len(train_samples) < 2:
-        raise DatasetError(f"{data_dir}: training needs at least two images")
+        raise DatasetError(f"{', '.join(map(str, roots))}: training needs at least two images")
+    if not scores.both_classes([s.label for s in val_samples]):
+        raise DatasetError("validation needs both real and fake images (check --exclude-source)")
     logger.info("training on %d images, validating on %d (%s)", len(train_samples), len(val_samples), dataset)
+    for (domain, label, source), count in sorted(group_counts(train_samples).items()):
+        logger.info("  train %s / %s / %s: %d images", domain, ("real", "fake")[label], source, count)
 
     meta = _initial_meta(config)
     seed_everything(config.seed)
-    model = build_model(meta, init_checkpoint=Path(config.init) if config.init else None)
+    init_is_dfmod = config.init is not None and _is_dfmod_checkpoint(Path(config.init))
+    model = build_model(meta, init_checkpoint=Path(config.init) if config.init and not init_is_dfmod else None)
+    if init_is_dfmod:
+        logger.info("initialised from %s (%s)", config.init, load_init_weights(model, Path(config.init)))
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(device, memory_format=torch.channels_last)
     else:
         model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    precision = _Precision(device, config.amp)
+    precision = _Precision(device, config.amp, config.cpu_bf16)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None  # {"epoch", "row", "threshold", "rule", "state"}
@@ -435,18 +556,29 @@ def train(config: TrainConfig) -> TrainResult:
     train_data = TrainDataset(train_samples, meta, config.augmentation)
     val_data = EvalDataset(val_samples, meta)
     loader_args = {"num_workers": workers, "pin_memory": device == "cuda"}
+    weights = torch.from_numpy(balanced_weights(train_samples, config.source_power))
+    epoch_images = (config.epoch_size or len(train_data)) if config.sampling == "balanced" else len(train_data)
     # A final batch of one image breaks batch norm on the pooled features; drop only that case.
-    drop_last = len(train_data) % config.batch_size == 1
+    drop_last = epoch_images % config.batch_size == 1
     base = {
         "format": STATE_FORMAT, "config": public, "device": _device_name(device), "precision": precision.name,
         "train_images": len(train_samples), "val_images": len(val_samples),
+        "train_groups": {f"{d}/{('real', 'fake')[label]}/{s}": n
+                         for (d, label, s), n in sorted(group_counts(train_samples).items())},
     }
 
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         seed_everything(_epoch_seed(config.seed, epoch))
-        train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=drop_last,
-                                  **loader_args)
+        if config.sampling == "balanced":
+            # Drawn from the epoch's seed (set just above), so a resumed epoch draws the same images.
+            sampler = WeightedRandomSampler(weights, epoch_images, replacement=True,
+                                            generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
+            train_loader = DataLoader(train_data, batch_size=config.batch_size, sampler=sampler,
+                                      drop_last=drop_last, **loader_args)
+        else:
+            train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=drop_last,
+                                      **loader_args)
         val_loader = DataLoader(val_data, batch_size=config.batch_size, shuffle=False, **loader_args)
         row: dict[str, Any] = {"epoch": epoch}
         if config.schedule == "cosine":
@@ -460,7 +592,7 @@ def train(config: TrainConfig) -> TrainResult:
         if errors:
             bad = "; ".join(f"{val_samples[i].path} ({e})" for i, e in errors[:20])
             raise DatasetError(f"{len(errors)} validation images cannot be decoded: {bad}")
-        val_row, threshold, rule_text = _validation_row(labels, probs, config)
+        val_row, threshold, rule_text = _validation_row(labels, probs, config, val_samples)
         row.update(val_row)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["epoch_seconds"] = time.perf_counter() - epoch_started
@@ -468,7 +600,8 @@ def train(config: TrainConfig) -> TrainResult:
         row["best"] = improved
         if improved:
             best = {"epoch": epoch, "row": dict(row), "threshold": threshold, "rule": rule_text,
-                    "state": _cpu_state(model)}
+                    "state": _cpu_state(model), "val_labels": torch.from_numpy(labels.astype(np.int64)),
+                    "val_probs": torch.from_numpy(probs.astype(np.float64))}
         history.append(row)
         seconds = previous_seconds + time.perf_counter() - started
         best_meta = _export(best["state"], _best_meta(meta, best, history, public, base, seconds, config),
@@ -492,7 +625,7 @@ def train(config: TrainConfig) -> TrainResult:
     best["model_version"] = final_meta.model_version
     _write_history(paths, history, _summary(public, base, best, seconds, paths))
     return TrainResult(paths.checkpoint, paths.state, paths.metrics_csv, paths.metrics_json, best["epoch"],
-                       best["threshold"], final_meta.model_version, history, seconds, final_meta)
+                       final_meta.threshold, final_meta.model_version, history, seconds, final_meta)
 
 
 def _best_meta(meta: ModelMeta, best: dict, history: list[dict], public: dict, base: dict, seconds: float,
@@ -503,8 +636,9 @@ def _best_meta(meta: ModelMeta, best: dict, history: list[dict], public: dict, b
         **public,
         "epochs_trained": history[-1]["epoch"],
         "best_epoch": best["epoch"],
-        "selection": SELECTION_RULE,
+        "selection": SELECTION_RULE if len(public["data_roots"]) == 1 else SELECTION_RULE_ROOTS,
         "val_metrics": val_metrics,
+        "train_groups": base.get("train_groups"),
         "train_loss_at_best": row["train_loss"],
         "train_seconds": round(seconds, 1),
         "device": base["device"],
@@ -517,8 +651,12 @@ def _best_meta(meta: ModelMeta, best: dict, history: list[dict], public: dict, b
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     rule = config.threshold_rule if config.threshold_rule == "f1" else f"fpr<={config.target_fpr:g}"
-    return replace(meta, threshold=float(best["threshold"]), threshold_rule=f"{rule}: {best['rule']}",
+    meta = replace(meta, threshold=float(best["threshold"]), threshold_rule=f"{rule}: {best['rule']}",
                    format=CHECKPOINT_FORMAT, extra=extra)
+    if "val_probs" in best:  # states saved before calibration existed lack them
+        meta = calibrated_meta(meta, best["val_labels"].numpy(), best["val_probs"].numpy(), config.threshold_rule,
+                               config.target_fpr)
+    return meta
 
 
 def _timm_version() -> str:
@@ -534,7 +672,7 @@ def _summary(public: dict, base: dict, best: dict, seconds: float, paths: Output
         "precision": base["precision"],
         "train_images": base["train_images"],
         "val_images": base["val_images"],
-        "selection": SELECTION_RULE,
+        "selection": SELECTION_RULE if len(public["data_roots"]) == 1 else SELECTION_RULE_ROOTS,
         "best_epoch": best["epoch"],
         "threshold": best["threshold"],
         "threshold_rule": best["rule"],
@@ -551,5 +689,6 @@ def _epoch_line(row: dict, epochs: int) -> str:
     speed = row.get("train_images_per_s")
     return (f"epoch {row['epoch']}/{epochs}: train loss {fmt(row['train_loss'])} acc {fmt(row['train_accuracy'])}"
             f" | val loss {fmt(row['val_loss'])} acc {fmt(row['val_accuracy'])} auc {fmt(row['val_roc_auc'])}"
+            f" (mean over roots {fmt(row.get('val_mean_root_roc_auc'))})"
             f" f1@{row['val_threshold']:.3f} {fmt(row['val_f1_at_threshold'])}"
             f" | {speed or 0:.1f} img/s, {row['epoch_seconds']:.0f}s{' *best*' if row['best'] else ''}")

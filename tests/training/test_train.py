@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dfmod.detector import IMAGENET_MEAN, IMAGENET_STD, Predictor, load_checkpoint, read_meta, weights_digest
+from dfmod.training.calibration import margins_from_probabilities, sigmoid
 from dfmod.training.data import Augmentation
 from dfmod.training.train import TrainingError, train
 
@@ -109,7 +110,9 @@ def test_metrics_are_logged_beside_the_checkpoint(trained):
     assert logged["history"][0]["val_loss"] == pytest.approx(result.history[0]["val_loss"])
     with result.metrics_csv.open() as handle:
         row = next(csv.DictReader(handle))
-    assert float(row["val_threshold"]) == pytest.approx(result.threshold)
+    # Per-epoch rows hold uncalibrated figures; the checkpoint's threshold is the same cut on the calibrated scale.
+    uncalibrated = margins_from_probabilities([float(row["val_threshold"])])
+    assert sigmoid(uncalibrated, result.meta.temperature)[0] == pytest.approx(result.threshold)
 
 
 def test_resume_continues_from_the_saved_epoch(tiny_data, tmp_path):
