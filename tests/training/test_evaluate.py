@@ -66,6 +66,19 @@ def test_report_has_metrics_plots_and_per_source(trained, eval_folder, tmp_path)
     assert per_source["camera-a"]["n"] == 3  # the Train row with the same name did not move a file
     assert per_source["gan"]["roc_auc"] is None and per_source["gan"]["eer"] is None
     assert per_source["camera-b"]["recall"] is None and per_source["camera-b"]["false_positive_rate"] is not None
+    for real_only in ("camera-a", "camera-b"):  # precision and F1 are undefined without fakes: null, not 0.0
+        assert per_source[real_only]["precision"] is None and per_source[real_only]["f1"] is None
+        assert per_source[real_only]["at_0.5"]["precision"] is None
+
+    # Calibration beside the ROC: ECE, the reliability bins and plot, and the checkpoint's operating points.
+    meta = read_meta(result.checkpoint)
+    calibration = on_disk["calibration"]
+    assert 0 <= calibration["ece"] <= 1 and calibration["temperature"] == pytest.approx(meta.temperature)
+    assert sum(row["count"] for row in calibration["reliability"]) == 13
+    assert set(on_disk["operating_points"]) == {"fpr_1", "fpr_5", "balanced"}
+    assert on_disk["operating_points"]["fpr_1"]["threshold"] == pytest.approx(meta.operating_points["fpr_1"]["threshold"])
+    with Image.open(report_dir / "reliability.png") as image:
+        assert image.format == "PNG"
 
     # predictions.csv agrees with the report and with the worker's own path (decode -> preprocess -> Predictor).
     with (report_dir / "predictions.csv").open() as handle:

@@ -82,5 +82,8 @@ def test_single_class_gives_nulls_not_errors():
     reals = scores.summarize([0, 0], [0.2, 0.7], 0.5)
     assert reals["recall"] is None
     assert reals["false_positive_rate"] == pytest.approx(0.5)
+    # A real flagged fake makes sklearn's precision 0.0 and F1 0.0; with no fakes both are undefined.
+    assert reals["precision"] is None and reals["f1"] is None
+    assert reals["accuracy"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         scores.choose_threshold([1, 1], [0.2, 0.7])
