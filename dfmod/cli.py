@@ -266,11 +266,12 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
-from dfmod.training.commands import calibrate_command, evaluate_command, train_command  # noqa: E402
+from dfmod.training.commands import calibrate_command, evaluate_command, loso_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("calibrate")(calibrate_command)
+app.command("loso")(loso_command)
 app.command("bench")(bench_command)
 
 

@@ -209,14 +209,18 @@ def evaluate_command(
     manifest: Annotated[Optional[Path], typer.Option(help="CSV with file and source columns for per-source "
                                                           "metrics (default: manifest.csv in FOLDER or its "
                                                           "parent).", show_default=False)] = None,
+    model_card: Annotated[Optional[Path], typer.Option(help="Also rewrite this folder's section of the model "
+                                                            "card (e.g. docs/model-card.md) with the per-source "
+                                                            "and calibration tables.", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Evaluate a checkpoint on Real/ and Fake/ images, as the worker would.
 
     Loss, accuracy, precision, recall, F1, ROC-AUC, average precision and
     equal error rate at the checkpoint's threshold and at 0.5; per source
-    when a manifest.csv names the sources; confusion-matrix and ROC images.
-    Unreadable images are listed in report.json, not fatal.
+    when a manifest.csv names the sources; calibration (ECE, reliability
+    plot) and the checkpoint's operating points; confusion-matrix and ROC
+    images. Unreadable images are listed in report.json, not fatal.
     """
     _setup_logging()
     from dfmod.detector import ModelNotAvailable
@@ -233,6 +237,74 @@ def evaluate_command(
         raise _fail(exc) from None
     print_report(result)
     typer.echo(f"report: {report / REPORT_FILE}")
+    if model_card is not None:
+        from dfmod.training.data import root_name
+        from dfmod.training.evaluate import report_markdown
+        from dfmod.training.modelcard import replace_section, section_name
+
+        title = f"{root_name(folder.parent)} {folder.name}"
+        replace_section(model_card, f"evaluate-{section_name(title)}", report_markdown(result, title))
+        typer.echo(f"model card section evaluate-{section_name(title)} rewritten in {model_card}")
+
+
+def loso_command(
+    data_dirs: Annotated[list[Path], typer.Argument(help="Data set folders (Train/, Validation/, Test/ and a "
+                                                         "manifest.csv naming sources).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one run per held-out group, loso.json "
+                                      "and loso.md.", show_default=False)],
+    holdout: Annotated[Optional[list[str]], typer.Option(
+        help="Sources to hold out together, comma-separated; repeatable (default: every source on its own).",
+        show_default=False)] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 2,
+    epoch_size: Annotated[Optional[int], typer.Option(help="Images per epoch (balanced sampling).",
+                                                      show_default=False)] = None,
+    recipe: Annotated[Recipe, typer.Option(help="Augmentation recipe of the runs.")] = Recipe.transfer,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Square model input in pixels.")] = 224,
+    init: Annotated[Optional[Path], typer.Option(help="Starting weights; refused if trained on a held-out "
+                                                      "source's data.", show_default=False)] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.", show_default=False)] = None,
+    limit_per_class: Annotated[Optional[int], typer.Option(help="At most N images per class per split (smoke "
+                                                                "runs).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 42,
+    model_card: Annotated[Optional[Path], typer.Option(help="Rewrite the model card's loso section with the "
+                                                            "table.", show_default=False)] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Leave-one-source-out: train without each source, score on it.
+
+    One training run per held-out group in OUT/without-<sources>/ (resumed
+    when run again), scored on the group's Test images: its own ROC-AUC when
+    it holds both labels, else against the same root's Test images of the
+    other label. Writes OUT/loso.json and the table OUT/loso.md.
+    """
+    _setup_logging()
+    from dfmod.detector import pick_device
+    from dfmod.training.data import DatasetError
+    from dfmod.training.loso import CARD_SECTION, LOSO_MD, LosoConfig, leave_one_source_out
+    from dfmod.training.modelcard import replace_section
+    from dfmod.training.train import TrainingError
+
+    _require_device(device)
+    config = LosoConfig(
+        data_dirs=list(data_dirs), out_dir=out,
+        holdouts=[tuple(part.strip() for part in group.split(",") if part.strip()) for group in holdout] if holdout
+        else None,
+        epochs=epochs, epoch_size=epoch_size, recipe=recipe.value, lr=lr, batch_size=batch_size,
+        image_size=image_size, init=init, device=pick_device(device.value), workers=workers,
+        limit_per_class=limit_per_class, seed=seed, progress=progress)
+    try:
+        report = leave_one_source_out(config)
+    except (DatasetError, TrainingError) as exc:
+        raise _fail(exc) from None
+    table = (out / LOSO_MD).read_text()
+    typer.echo(table)
+    if model_card is not None:
+        replace_section(model_card, CARD_SECTION, table)
+        typer.echo(f"model card section {CARD_SECTION} rewritten in {model_card}")
+    typer.echo(f"{len(report['holdouts'])} held-out groups: {out}")
 
 
 class CalibrationThreshold(str, Enum):

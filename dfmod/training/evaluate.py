@@ -267,3 +267,39 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, overall: dict, threshold: float, pat
     axes.set_ylabel("true-positive rate (fakes caught)")
     axes.set_title("ROC curve")
     figure.savefig(path, dpi=120)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def report_markdown(report: dict[str, Any], title: str) -> str:
+    """The report's overall, per-source and calibration figures as model-card markdown."""
+    lines = [
+        f"**{title}** ({report['model_version']}, {report['n']} images: {report['n_real']} real, "
+        f"{report['n_fake']} fake; threshold {report['threshold']:.4f}, temperature "
+        f"{report['calibration']['temperature']:.4f})",
+        "",
+        "| source | images | accuracy | ROC-AUC | fakes caught | reals flagged | precision | F1 | ECE |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| **all** | {report['n']} | {_pct(report['accuracy'])} | {_num(report['roc_auc'])} | "
+        f"{_pct(report['recall'])} | {_pct(report['false_positive_rate'])} | {_pct(report['precision'])} | "
+        f"{_num(report['f1'])} | {_num(report['calibration']['ece'])} |",
+    ]
+    for name, m in (report.get("per_source") or {}).items():
+        lines.append(f"| {name} | {m['n']} | {_pct(m['accuracy'])} | {_num(m['roc_auc'])} | {_pct(m['recall'])} | "
+                     f"{_pct(m['false_positive_rate'])} | {_pct(m['precision'])} | {_num(m['f1'])} | "
+                     f"{_num(m.get('ece'))} |")
+    points = report.get("operating_points") or {}
+    if points:
+        lines += ["", "| operating point | threshold | validation FPR | validation recall | test FPR | test recall |",
+                  "|---|---|---|---|---|---|"]
+        for name, point in points.items():
+            lines.append(f"| {name} | {point['threshold']:.4f} | {_pct(point['validation']['false_positive_rate'])} "
+                         f"| {_pct(point['validation']['recall'])} | {_pct(point['test']['false_positive_rate'])} "
+                         f"| {_pct(point['test']['recall'])} |")
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dfmod.detector import Predictor, read_meta
 from dfmod.imaging import ImageLimits, decode_image
-from dfmod.training.evaluate import evaluate
+from dfmod.training.evaluate import evaluate, report_markdown
 
 from .conftest import make_dataset
 
@@ -79,6 +79,10 @@ def test_report_has_metrics_plots_and_per_source(trained, eval_folder, tmp_path)
     assert on_disk["operating_points"]["fpr_1"]["threshold"] == pytest.approx(meta.operating_points["fpr_1"]["threshold"])
     with Image.open(report_dir / "reliability.png") as image:
         assert image.format == "PNG"
+    card = report_markdown(on_disk, "evalset Test")
+    assert "| fpr_1 |" in card and "| **all** | 13 |" in card
+    camera_b = next(line for line in card.splitlines() if line.startswith("| camera-b |"))
+    assert camera_b.split("|")[7:9] == [" n/a ", " n/a "]  # precision and F1 of a real-only source
 
     # predictions.csv agrees with the report and with the worker's own path (decode -> preprocess -> Predictor).
     with (report_dir / "predictions.csv").open() as handle:
