@@ -266,12 +266,19 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
-from dfmod.training.commands import calibrate_command, evaluate_command, loso_command, train_command  # noqa: E402
+from dfmod.training.commands import (  # noqa: E402
+    calibrate_command,
+    evaluate_command,
+    evaluate_faces_command,
+    loso_command,
+    train_command,
+)
 
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("calibrate")(calibrate_command)
 app.command("loso")(loso_command)
+app.command("evaluate-faces")(evaluate_faces_command)
 app.command("bench")(bench_command)
 
 

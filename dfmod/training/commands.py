@@ -307,6 +307,45 @@ def loso_command(
     typer.echo(f"{len(report['holdouts'])} held-out groups: {out}")
 
 
+def evaluate_faces_command(
+    folder: Annotated[Path, typer.Argument(help="Held-out face crops: a folder with Real/ and Fake/ (e.g. "
+                                                "DATA_DIR/Test).", show_default=False)],
+    report: Annotated[Path, typer.Option("--report", "-r", help="Folder for whole_photos.json and the "
+                                         "composites/ it builds.", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (default: the "
+                                                       "shipped model).", show_default=False)] = None,
+    limit_per_class: Annotated[Optional[int], typer.Option(help="At most N crops per class (a seeded subset).",
+                                                           show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the composites (placement, scale, background).")] = 0,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
+) -> None:
+    """Whole photos: place face crops small into larger images and score them with and without the face stage.
+
+    Reports the face detection rate, and accuracy / ROC-AUC on the crops
+    themselves, on the whole composites squashed to the model input, and
+    through the face stage (most-fake face; no face found counts as wrong).
+    """
+    _setup_logging()
+    from dfmod.detector import ModelNotAvailable, pick_device
+    from dfmod.faces import FaceNotAvailable
+    from dfmod.training.data import DatasetError
+    from dfmod.training.whole_photos import REPORT_FILE, evaluate_whole_photos
+
+    _require_device(device)
+    try:
+        result = evaluate_whole_photos(folder, checkpoint, report, limit_per_class=limit_per_class, seed=seed,
+                                       device=pick_device(device.value))
+    except (DatasetError, ModelNotAvailable, FaceNotAvailable) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{result['n']} composites from {folder}: face found in {_fmt(result['detection_rate'], True)}, "
+               f"no face in {result['no_face']}, crop margin median {_fmt(result['crop_margin_median'])}")
+    for name in ("crops", "whole_image", "face_stage"):
+        entry = result[name]
+        typer.echo(f"  {name:<12} accuracy {_fmt(entry['accuracy'], True)}  ROC-AUC {_fmt(entry['roc_auc'])}"
+                   f"  without verdict {entry['without_verdict']}")
+    typer.echo(f"face detection {result['face_detect_ms_per_image']} ms/image; report: {report / REPORT_FILE}")
+
+
 class CalibrationThreshold(str, Enum):
     keep = "keep"
     f1 = "f1"
