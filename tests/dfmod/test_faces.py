@@ -28,7 +28,7 @@ def test_crop_box_frames_the_face_like_the_training_crops():
     left, top, right, bottom = square_crop_box((0, 0, 100, 120), (1000, 1000))
     assert (left, top) == (0, 0) and right - left == bottom - top == round(120 * CROP_MARGIN)
     # An image smaller than the square: the square shrinks to the image.
-    assert square_crop_box((10, 10, 90, 90), (100, 60)) == (0, 0, 60, 60)
+    assert square_crop_box((10, 10, 90, 90), (100, 60)) == (20, 0, 80, 60)
 
 
 def test_image_verdict_is_the_most_fake_face():
