@@ -111,7 +111,7 @@ def list_items(
     cursor: str | None = Query(None, max_length=1000, description="next_cursor of the previous page."),
 ) -> ItemPage:
     if min_score is not None and max_score is not None and min_score > max_score:
-        raise DfmodError("min_score is above max_score", code="invalid_request")
+        raise DfmodError("min_score is above max_score", code="invalid_request", http_status=422)
     filters = reviews.ItemFilters(
         label=label, status=status_, min_score=min_score, max_score=max_score, model_version=model_version,
         source=source, reviewed=reviewed, decision=decision, since=_utc(since), until=_utc(until), in_review=in_review,

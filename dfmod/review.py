@@ -33,8 +33,8 @@ class ReviewProblem(DfmodError, ValueError):
 
     http_status = 400
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(message, code=code, http_status=http_status)
 
 
 class NotFound(ReviewProblem):
@@ -140,7 +140,7 @@ def list_items(
     ties on score are broken by id. Ordering by score lists classified items only.
     """
     if order not in ORDERS:
-        raise ReviewProblem("invalid_request", f"order must be one of {', '.join(ORDERS)}")
+        raise ReviewProblem("invalid_request", f"order must be one of {', '.join(ORDERS)}", http_status=422)
     column = _sort_column(order)
     descending = order in ("newest", "score_desc")
     query = select(Item).where(*_where(filters, band))
