@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         description="Named operating point stored in the checkpoint (fpr_1, fpr_5, balanced; see `dfmod "
         "calibrate`) whose threshold the worker applies; unset: the checkpoint's default threshold.",
     )
+    face_stage: bool = Field(
+        False,
+        description="Find faces in each image first (MTCNN, the `faces` extra) and classify every face; the image's "
+        "score is its most-fake face, and an image without a face gets the label no_face. Off: the whole image "
+        "is classified as one face crop (for platforms that send crops).",
+    )
+    face_detect_side: int = Field(1024, ge=64, description="Face stage: longest image side the face detector sees.")
+    face_min_score: float = Field(0.9, ge=0.0, le=1.0, description="Face stage: lowest detector score kept as a face.")
     batch_size: int = Field(32, ge=1, description="Most tasks classified in one forward pass.")
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait for a batch to fill before it runs anyway.")
     worker_pool: Literal["solo", "threads"] = Field(

@@ -4,8 +4,11 @@ This is the worker's whole job, kept apart from Celery so it can be called and t
 
 1. claim the items (:func:`dfmod.lifecycle.claim_for_classification`); a redelivered task is a no-op;
 2. reuse the verdict of identical bytes (same sha256, same model version) where there is one;
-3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap);
-4. run the model once per ``batch_size`` chunk;
+3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap); with the face stage
+   (``DFMOD_FACE_STAGE``), find the faces of each image there too and crop them (:mod:`dfmod.faces`);
+4. run the model once per ``batch_size`` chunk (of images, or of all the faces of all the batch's images);
+   with the face stage an image's score is its most-fake face, and an image without a face gets the label
+   ``no_face`` (score 0, never flagged) instead of a guess;
 5. write verdicts and final statuses in one transaction (:func:`dfmod.lifecycle.persist_results`);
 6. if callbacks are configured, enqueue one ``verdict.created`` event (ids only) per item whose source has a
    callback URL.
@@ -34,6 +37,7 @@ from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
 from dfmod.detector import Predictor, to_pixels
+from dfmod.faces import NO_FACE, face_crops
 from dfmod.imaging import ImageRejected, decode_image
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
@@ -59,6 +63,8 @@ class Outcome:
     transient: str | None = None
     inference_ms: float | None = None
     batch_size: int | None = None
+    faces: list | None = None  # face stage: the dfmod.faces.Face list, in the order of the rows of ``array``
+    face_probabilities: list[float] | None = None
 
 
 @dataclass
@@ -96,7 +102,13 @@ class BatchClassifier:
         self.celery_app = celery_app
         self.limits = settings.image_limits
         self.threshold = predictor.threshold
-        self.model_version = predictor.model_version
+        self.face_finder = None
+        if settings.face_stage:
+            from dfmod.faces import FaceFinder
+
+            self.face_finder = FaceFinder(detect_side=settings.face_detect_side, min_score=settings.face_min_score)
+        # Scores of whole images and of their faces differ: they are never reused for one another.
+        self.model_version = predictor.model_version + ("+faces" if self.face_finder else "")
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
         # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
         # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
@@ -143,7 +155,7 @@ class BatchClassifier:
         self._reuse(outcomes, lambda o: o.item.sha256)
         pending = [o for o in outcomes if o.reused_from is None]
         for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
-            outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient = loaded
+            outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient, outcome.faces = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
         report.fetch_s = time.perf_counter() - fetch_started
         self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
@@ -174,7 +186,7 @@ class BatchClassifier:
                 report.retried += 1
                 telemetry.TRANSIENT_ERRORS.labels(kind="storage").inc()
             elif outcome.fake_probability is not None:
-                label = self.predictor.label_for(outcome.fake_probability)
+                label = self._label(outcome)
                 reused = outcome.reused_from is not None
                 report.reused += reused
                 report.classified += not reused
@@ -216,26 +228,40 @@ class BatchClassifier:
                 outcome.array = None
 
     def _load(self, item: Claimed):
-        """Fetch, hash and decode one item: (sha256, size, array, failure, transient)."""
+        """Fetch, hash and decode one item: (sha256, size, array, failure, transient, faces).
+
+        With the face stage, ``array`` stacks the item's face crops (N x H x W x 3, N may be 0) and ``faces``
+        lists the faces in the same order; without it, ``array`` is the whole image and ``faces`` is None.
+        """
         try:
             data = self.storage.get(item.bucket, item.key, self.settings.max_upload_bytes)
         except StorageUnavailable as exc:
-            return None, None, None, None, str(exc)
+            return None, None, None, None, str(exc), None
         except StorageError as exc:
-            return None, None, None, (exc.reason, str(exc)), None
+            return None, None, None, (exc.reason, str(exc)), None, None
         except Exception as exc:  # noqa: BLE001 - one object's fault (e.g. an OSError on a local key) is its own
             logger.exception("unexpected error fetching %s/%s", item.bucket, item.key)
-            return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None
+            return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None, None
         sha256 = hashlib.sha256(data).hexdigest()
+        faces = None
         try:
-            image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
-            array = to_pixels(image, self.predictor.meta)
+            if self.face_finder is None:
+                image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
+                array = to_pixels(image, self.predictor.meta)
+            else:
+                side = self.settings.face_detect_side
+                image = decode_image(data, self.limits, target=(side, side))
+                found = self.face_finder.find(image)
+                faces = found.faces
+                crops = [to_pixels(crop, self.predictor.meta) for crop in face_crops(image, found)]
+                width, height = self.predictor.meta.image_size
+                array = np.stack(crops) if crops else np.zeros((0, height, width, 3), dtype=np.uint8)
         except ImageRejected as exc:
-            return sha256, len(data), None, (exc.reason, exc.detail), None
+            return sha256, len(data), None, (exc.reason, exc.detail), None, None
         except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one item, not the batch
             logger.exception("unexpected error decoding %s/%s", item.bucket, item.key)
-            return sha256, len(data), None, ("decode_error", f"{type(exc).__name__}: {exc}"), None
-        return sha256, len(data), array, None, None
+            return sha256, len(data), None, ("decode_error", f"{type(exc).__name__}: {exc}"), None, None
+        return sha256, len(data), array, None, None, faces
 
     def _infer(self, outcomes: list[Outcome], report: BatchReport) -> None:
         # Identical bytes inside one batch are classified once.
@@ -243,22 +269,38 @@ class BatchClassifier:
         for outcome in outcomes:
             representatives.setdefault(outcome.sha256, outcome)
         unique = list(representatives.values())
-        probabilities: dict[str, float] = {}
+        # One row per model input: the image, or (face stage) each face of each image, so all the faces of
+        # all the batch's images go through the model together.
+        rows = ([(o, i) for o in unique for i in range(len(o.array))] if self.face_finder
+                else [(o, None) for o in unique])
+        row_scores: dict[int, list[float]] = {id(o): [] for o in unique}
         size = self.settings.batch_size
-        for start in range(0, len(unique), size):
-            chunk = unique[start : start + size]
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
             with self._inference_lock:
                 began = time.perf_counter()
-                scores = self.predictor.predict_pixels([o.array for o in chunk])
+                scores = self.predictor.predict_pixels([o.array if i is None else o.array[i] for o, i in chunk])
                 elapsed = time.perf_counter() - began
             report.inference_s += elapsed
             telemetry.INFERENCE_SECONDS.observe(elapsed)
             telemetry.BATCH_SIZE.observe(len(chunk))
-            for outcome, score in zip(chunk, scores):
-                probabilities[outcome.sha256] = float(score)
-                outcome.inference_ms = elapsed * 1000.0 / len(chunk)
+            for (outcome, _face), score in zip(chunk, scores):
+                row_scores[id(outcome)].append(float(score))
+                outcome.inference_ms = (outcome.inference_ms or 0.0) + elapsed * 1000.0 / len(chunk)
                 outcome.batch_size = len(chunk)
+        probabilities: dict[str, float] = {}
+        for outcome in unique:
+            found = row_scores[id(outcome)]
+            if self.face_finder:
+                outcome.face_probabilities = found
+                # The most-fake face decides; no face: score 0 with the label no_face (see _label).
+                probabilities[outcome.sha256] = max(found) if found else 0.0
+            else:
+                probabilities[outcome.sha256] = found[0]
         for outcome in outcomes:
+            if outcome is not representatives[outcome.sha256]:
+                rep = representatives[outcome.sha256]
+                outcome.faces, outcome.face_probabilities = rep.faces, rep.face_probabilities
             outcome.fake_probability = probabilities[outcome.sha256]
             outcome.array = None  # free the pixels before the database round trip
             if outcome is not representatives[outcome.sha256]:
@@ -269,7 +311,7 @@ class BatchClassifier:
         if outcome.fake_probability is not None:
             verdict = VerdictData(
                 fake_probability=outcome.fake_probability,
-                label=self.predictor.label_for(outcome.fake_probability),
+                label=self._label(outcome),
                 threshold=self.threshold,
                 model_version=self.model_version,
                 inference_ms=outcome.inference_ms,
@@ -282,6 +324,11 @@ class BatchClassifier:
             failure=outcome.failure if verdict is None else None,
             retry=outcome.transient if verdict is None and outcome.failure is None else None,
         )
+
+    def _label(self, outcome: Outcome) -> str:
+        if outcome.faces is not None and not outcome.faces:
+            return NO_FACE
+        return self.predictor.label_for(outcome.fake_probability)
 
     def _requeue(self, item_ids: list[str]) -> None:
         if not item_ids or self.celery_app is None:

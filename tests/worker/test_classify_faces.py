@@ -1,0 +1,71 @@
+"""The worker's face stage on real Postgres and a real S3 server: faces of several photos classified in one
+forward pass, the most-fake face as the image's score, and ``no_face`` for a photo without a face.
+
+Uses held-out faces256 Test crops placed into larger photos (``DFMOD_DATASETS``, default ``../shared/datasets``
+beside the repository); skipped where that folder is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+from sqlalchemy import select
+
+from dfmod.db import ItemStatus, Verdict, session_scope
+from dfmod.detector import Predictor
+from dfmod.settings import Settings
+from dfmod.storage import S3Storage
+from dfmod.training.data import scan_labelled_folder
+from dfmod.training.whole_photos import background, build_composites
+from worker.classify import BatchClassifier
+
+from tests.dfmod.test_faces import FACES_TEST, needs_faces
+from tests.worker.test_classify import _items, _put_and_record
+
+pytestmark = [needs_faces, pytest.mark.integration]
+
+
+@pytest.fixture
+def face_classifier(integration_env, monkeypatch, checkpoint_path):
+    from dfmod.db import make_engine, make_session_factory
+
+    for key, value in {**integration_env, "DFMOD_FACE_STAGE": "true"}.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    factory = make_session_factory(make_engine(settings.resolved_database_url))
+    instance = BatchClassifier(settings, factory, S3Storage(settings),
+                               Predictor(checkpoint_path, device="cpu", torch_threads=1), celery_app=None)
+    yield instance
+    instance.close()
+
+
+def _jpeg(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_faces_of_a_batch_are_classified_together_and_a_faceless_photo_is_no_face(face_classifier, s3_buckets,
+                                                                                   tmp_path):
+    samples = scan_labelled_folder(FACES_TEST, limit_per_class=1, seed=4)
+    composites = build_composites(samples, tmp_path / "composites", seed=4)
+    objects = {f"photo-{i}.jpg": c.path.read_bytes() for i, c in enumerate(composites)}
+    objects["landscape.jpg"] = _jpeg(background(random.Random(11), (1600, 1200)))
+    ids = _put_and_record(face_classifier, s3_buckets, objects)
+
+    report = face_classifier.run(list(ids.values()))
+
+    assert report.classified == 3 and report.failed == 0
+    items = _items(face_classifier)
+    assert all(item.status == ItemStatus.classified for item in items.values())
+    with session_scope(face_classifier.session_factory) as session:
+        verdicts = {v.item_id: v for v in session.scalars(select(Verdict))}
+    no_face = verdicts[ids["landscape.jpg"]]
+    assert no_face.label == "no_face" and no_face.fake_probability == 0.0
+    for key in ("photo-0.jpg", "photo-1.jpg"):
+        verdict = verdicts[ids[key]]
+        assert verdict.label in ("real", "fake") and 0.0 <= verdict.fake_probability <= 1.0
+        assert verdict.model_version == "test-random-0001+faces"
+        assert verdict.batch_size == 2  # the two photos' faces went through the model in one pass
