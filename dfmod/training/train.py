@@ -608,6 +608,7 @@ def train(config: TrainConfig) -> TrainResult:
                             paths.checkpoint, config.half) if improved else None
         if best_meta is not None:
             best["model_version"] = best_meta.model_version
+            best["calibrated_threshold"], best["temperature"] = best_meta.threshold, best_meta.temperature
         _write_history(paths, history, _summary(public, base, best, seconds, paths))
         _atomic_torch_save({
             **base, "epoch": epoch, "seconds": seconds, "model": _cpu_state(model),
@@ -623,6 +624,7 @@ def train(config: TrainConfig) -> TrainResult:
     final_meta = _export(best["state"], _best_meta(meta, best, history, public, base, seconds, config),
                          paths.checkpoint, config.half)
     best["model_version"] = final_meta.model_version
+    best["calibrated_threshold"], best["temperature"] = final_meta.threshold, final_meta.temperature
     _write_history(paths, history, _summary(public, base, best, seconds, paths))
     return TrainResult(paths.checkpoint, paths.state, paths.metrics_csv, paths.metrics_json, best["epoch"],
                        final_meta.threshold, final_meta.model_version, history, seconds, final_meta)
@@ -674,7 +676,10 @@ def _summary(public: dict, base: dict, best: dict, seconds: float, paths: Output
         "val_images": base["val_images"],
         "selection": SELECTION_RULE if len(public["data_roots"]) == 1 else SELECTION_RULE_ROOTS,
         "best_epoch": best["epoch"],
-        "threshold": best["threshold"],
+        # The checkpoint's threshold applies to the calibrated probability; the per-epoch rows are uncalibrated.
+        "threshold": best.get("calibrated_threshold", best["threshold"]),
+        "temperature": best.get("temperature"),
+        "uncalibrated_threshold": best["threshold"],
         "threshold_rule": best["rule"],
         "model_version": best.get("model_version"),
         "checkpoint": paths.checkpoint.name,

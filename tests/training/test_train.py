@@ -107,6 +107,8 @@ def test_metrics_are_logged_beside_the_checkpoint(trained):
     _, result = trained
     logged = json.loads(result.metrics_json.read_text())
     assert logged["best_epoch"] == 1 and logged["model_version"] == result.model_version
+    assert logged["threshold"] == pytest.approx(result.threshold)
+    assert logged["temperature"] == pytest.approx(result.meta.temperature)
     assert logged["history"][0]["val_loss"] == pytest.approx(result.history[0]["val_loss"])
     with result.metrics_csv.open() as handle:
         row = next(csv.DictReader(handle))
