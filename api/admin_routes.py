@@ -20,7 +20,10 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/whoami", response_model=WhoAmI, summary="The calling key's name and scopes")
 def whoami(key: ApiKey = Depends(require(*keys.SCOPES))) -> WhoAmI:
-    return WhoAmI(id=key.id, name=key.name, scopes=sorted(key.scope_set))
+    return WhoAmI(
+        id=key.id, name=key.name, scopes=sorted(key.scope_set), tenant=key.tenant.name if key.tenant else None,
+        tenants=[tenant.name for tenant in key.review_tenants],
+    )
 
 
 @router.get("/keys", response_model=list[KeyOut], summary="API keys (never the keys themselves)")
@@ -33,7 +36,7 @@ def list_keys(
 @router.post("/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED, summary="Create a key (shown once)")
 def create_key(body: KeyIn, _admin: AdminKey, session: SessionDep) -> JSONResponse:
     try:
-        created = keys.create_key(session, body.name, body.scopes)
+        created = keys.create_key(session, body.name, body.scopes, body.tenants)
     except keys.KeyProblem as exc:
         raise ApiError(status.HTTP_409_CONFLICT, "key_conflict", str(exc)) from exc
     session.commit()

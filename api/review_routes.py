@@ -1,5 +1,6 @@
 """Reviewer endpoints: item queries, item detail with images and heatmaps, decisions, the claimable review
-queue and statistics. All need a key with the ``review`` scope (images also accept a signed link).
+queue and statistics. All need a key with the ``review`` scope (images also accept a signed link), and all
+see only the items of the key's tenants (:class:`dfmod.tenants.Access`): another tenant's item is a 404.
 
 The database work lives in :mod:`dfmod.review`; this module validates input, maps errors to the JSON
 error shape and, after a decision commits, enqueues its callback event.
@@ -18,7 +19,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from api.auth import ReviewKey, link_or_key, signed_link
+from api.auth import ReviewKey, access, link_or_key, not_found, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.ingest_routes import _storage_error
@@ -27,10 +28,11 @@ from api.schemas import (
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
-from dfmod.db import ApiKey, Item, ItemStatus
+from dfmod.db import ApiKey, Item, ItemStatus, Tenant
 from dfmod.imaging import ImageRejected, decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
 from dfmod.storage import ObjectNotFound, StorageError, heatmap_key
+from dfmod.tenants import has_callback
 
 router = APIRouter(prefix="/v1")
 
@@ -50,6 +52,8 @@ def _review_error(exc: reviews.ReviewProblem) -> ApiError:
         return ApiError(status.HTTP_404_NOT_FOUND, exc.code, exc.message)
     if isinstance(exc, reviews.Conflict):
         return ApiError(status.HTTP_409_CONFLICT, exc.code, exc.message)
+    if isinstance(exc, reviews.Forbidden):
+        return ApiError(status.HTTP_403_FORBIDDEN, exc.code, exc.message)
     return ApiError(status.HTTP_400_BAD_REQUEST, exc.code, exc.message)
 
 
@@ -70,12 +74,19 @@ def _summary(request: Request, key: ApiKey, item: Item, ttl_s: int) -> ItemSumma
     return ItemSummary.of(item, thumbnail)
 
 
-def _load_item(session, item_id: str) -> Item:
+def _load_item(session, item_id: str, key: ApiKey) -> Item:
     item = session.scalars(
         select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts), selectinload(Item.reviews))
     ).first()
-    if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    if item is None or not access(key).can_review(item.tenant_id):
+        raise not_found(item_id)
+    return item
+
+
+def _visible_item(session, item_id: str, key: ApiKey) -> Item:
+    item = session.get(Item, item_id)
+    if item is None or not access(key).can_review(item.tenant_id):
+        raise not_found(item_id)
     return item
 
 
@@ -126,7 +137,9 @@ def list_items(
         source=source, reviewed=reviewed, decision=decision, since=_utc(since), until=_utc(until), in_review=in_review,
     )
     try:
-        items, next_cursor = reviews.list_items(session, filters, order, limit, cursor, band=settings.review_band)
+        items, next_cursor = reviews.list_items(
+            session, filters, order, limit, cursor, band=settings.review_band, visible=access(key).review_filter()
+        )
     except reviews.ReviewProblem as exc:
         raise _review_error(exc) from exc
     ttl = settings.image_link_ttl_s
@@ -135,7 +148,7 @@ def list_items(
 
 @router.get("/items/{item_id}", response_model=ItemDetail, summary="An item with every verdict, review and image link")
 def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
-    return _detail(request, key, _load_item(session, item_id), settings.image_link_ttl_s)
+    return _detail(request, key, _load_item(session, item_id, key), settings.image_link_ttl_s)
 
 
 @router.get(
@@ -146,10 +159,7 @@ def item_image(
     item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     variant: Literal["thumb", "full"] = Query("full"),
 ) -> Response:
-    link_or_key(request, session, item_id, variant)
-    item = session.get(Item, item_id)
-    if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    item = _visible_item(session, item_id, link_or_key(request, session, item_id, variant))
     try:
         data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     except StorageError as exc:
@@ -175,10 +185,7 @@ def item_heatmap(
     item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     celery: CeleryDep, model_version: str | None = Query(None, max_length=128),
 ) -> Response:
-    link_or_key(request, session, item_id, "heatmap")
-    item = session.get(Item, item_id)
-    if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    item = _visible_item(session, item_id, link_or_key(request, session, item_id, "heatmap"))
     version = model_version or item.model_version
     if version is None:
         raise ApiError(status.HTTP_409_CONFLICT, "not_classified", f"item {item_id} has no verdict yet")
@@ -213,12 +220,14 @@ def add_review(
     idempotency_key: str | None = Header(None, max_length=64),
 ):
     try:
-        review, created = reviews.record_review(session, item_id, key, body.decision, body.note, idempotency_key)
+        review, created = reviews.record_review(
+            session, item_id, key, body.decision, body.note, idempotency_key, visible=access(key).review_filter()
+        )
     except reviews.ReviewProblem as exc:
         raise _review_error(exc) from exc
-    source = review.item.source
+    wants_callback = has_callback(session.get(Tenant, review.item.tenant_id), settings, review.item.source)
     session.commit()  # the callback task must find the review
-    if created and settings.callback_url_for(source):
+    if created and wants_callback:
         enqueue_events(celery, settings, [(EVENT_REVIEW, item_id, str(review.id))])
     out = ReviewOut.of(review)
     return JSONResponse(out.model_dump(mode="json"), status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
@@ -233,12 +242,14 @@ def retract_review(
     body: RetractIn | None = None,
 ) -> ReviewOut:
     try:
-        retraction = reviews.retract_review(session, item_id, review_id, key, body.note if body else None)
+        retraction = reviews.retract_review(
+            session, item_id, review_id, key, body.note if body else None, visible=access(key).review_filter()
+        )
     except reviews.ReviewProblem as exc:
         raise _review_error(exc) from exc
-    source = retraction.item.source
+    wants_callback = has_callback(session.get(Tenant, retraction.item.tenant_id), settings, retraction.item.source)
     session.commit()
-    if settings.callback_url_for(source):
+    if wants_callback:
         enqueue_events(celery, settings, [(EVENT_RETRACTION, item_id, str(retraction.id))])
     return ReviewOut.of(retraction)
 
@@ -246,7 +257,9 @@ def retract_review(
 @router.post("/queue/claim", response_model=ClaimOut, summary="Lease the next unreviewed flagged items, highest score first")
 def claim(request: Request, body: ClaimIn, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ClaimOut:
     limit = min(body.limit, settings.claim_max)
-    items = reviews.claim_items(session, key, limit, settings.claim_lease_s, settings.review_band)
+    items = reviews.claim_items(
+        session, key, limit, settings.claim_lease_s, settings.review_band, visible=access(key).review_filter()
+    )
     session.commit()
     ttl = settings.image_link_ttl_s
     return ClaimOut(
@@ -266,4 +279,4 @@ def stats(
     since: datetime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
     until: datetime | None = Query(None, description="Items created before."),
 ) -> dict:
-    return reviews.stats(session, settings.review_band, _utc(since), _utc(until))
+    return reviews.stats(session, settings.review_band, _utc(since), _utc(until), visible=access(key).review_filter())

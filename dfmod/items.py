@@ -16,7 +16,7 @@ from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import telemetry
-from dfmod.db import Item, ItemStatus, insert_ignore, new_id, session_scope, utcnow
+from dfmod.db import DEFAULT_TENANT_ID, Item, ItemStatus, insert_ignore, new_id, session_scope, utcnow
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 
@@ -34,6 +34,7 @@ class NewItem:
     content_type: str | None = None
     source: str = "upload"
     ingest: str = "upload"
+    tenant_id: str = DEFAULT_TENANT_ID
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,11 @@ class Recorded:
 
 
 def record_items(session: Session, new_items: list[NewItem]) -> list[Recorded]:
-    """Insert the items that are not there yet; return every item (new or existing) in input order."""
+    """Insert the items that are not there yet; return every item (new or existing) in input order.
+
+    An existing item may belong to another tenant than the one asking (an object named by two tenants):
+    callers compare ``item.tenant_id`` and refuse rather than show it.
+    """
     if not new_items:
         return []
     now = utcnow()
@@ -57,7 +62,7 @@ def record_items(session: Session, new_items: list[NewItem]) -> list[Recorded]:
         proposed[identity] = item_id
         rows.append(
             {
-                "id": item_id, "bucket": new.bucket, "key": new.key, "version": new.version, "etag": new.etag,
+                "id": item_id, "tenant_id": new.tenant_id, "bucket": new.bucket, "key": new.key, "version": new.version, "etag": new.etag,
                 "sha256": new.sha256, "size": new.size, "content_type": new.content_type, "source": new.source,
                 "ingest": new.ingest, "status": ItemStatus.queued, "attempts": 0, "created_at": now,
                 "updated_at": now,

@@ -92,10 +92,20 @@ def postgres_url() -> str:
 def clean_postgres(postgres_url) -> str:
     from sqlalchemy import create_engine, text
 
+    from dfmod.db import DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME
+
     engine = create_engine(postgres_url)
     with engine.begin() as connection:
         connection.execute(
-            text("TRUNCATE verdicts, reviews, callback_deliveries, api_keys, items RESTART IDENTITY CASCADE")
+            text(
+                "TRUNCATE verdicts, reviews, callback_deliveries, api_key_tenants, api_keys, items, tenant_buckets,"
+                " tenants RESTART IDENTITY CASCADE"
+            )
+        )
+        # Migration 0003 made the default tenant; every test starts with it, and only it.
+        connection.execute(
+            text("INSERT INTO tenants (id, name, created_at, updated_at) VALUES (:id, :name, now(), now())"),
+            {"id": DEFAULT_TENANT_ID, "name": DEFAULT_TENANT_NAME},
         )
     engine.dispose()
     return postgres_url
@@ -244,9 +254,10 @@ def make_api_key(integration_settings):
     engine = make_engine(integration_settings.resolved_database_url, pool_size=1)
     factory = make_session_factory(engine)
 
-    def make(*scopes: str, name: str | None = None) -> str:
+    def make(*scopes: str, name: str | None = None, tenants: tuple[str, ...] = ()) -> str:
         with session_scope(factory) as session:
-            return create_key(session, name or f"test-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}", scopes).plaintext
+            key_name = name or f"test-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}"
+            return create_key(session, key_name, scopes, tenants).plaintext
 
     yield make
     engine.dispose()
@@ -260,11 +271,13 @@ def seed_items(settings, specs: list[dict]) -> list[str]:
     """Insert items as the worker leaves them, without running the model; returns their ids in order.
 
     Each spec may set ``score`` (None: not classified), ``threshold`` (0.5), ``model_version`` ("m1"),
-    ``source``, ``status``, ``created_at``, ``key`` and ``bucket``; a scored item gets a matching verdict row.
+    ``source``, ``status``, ``created_at``, ``key``, ``bucket`` and ``tenant_id`` (the default tenant); a scored item gets a matching verdict row.
     """
     from datetime import datetime, timedelta, timezone
 
-    from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope
+    from dfmod.db import (
+        DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope,
+    )
 
     engine = make_engine(settings.resolved_database_url, pool_size=1)
     base = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -277,7 +290,8 @@ def seed_items(settings, specs: list[dict]) -> list[str]:
             created = spec.get("created_at", base + timedelta(minutes=index))
             status = spec.get("status", "classified" if score is not None else "queued")
             item = Item(
-                id=spec.get("id", new_id()), bucket=spec.get("bucket", settings.upload_bucket),
+                id=spec.get("id", new_id()), tenant_id=spec.get("tenant_id", DEFAULT_TENANT_ID),
+                bucket=spec.get("bucket", settings.upload_bucket),
                 key=spec.get("key", f"seed/{uuid.uuid4().hex}.jpg"), version="", source=spec.get("source", "upload"),
                 ingest="upload", status=ItemStatus(status), attempts=1, created_at=created, updated_at=created,
                 score=score, threshold=threshold if score is not None else None,

@@ -4,12 +4,15 @@ This is the worker's whole job, kept apart from Celery so it can be called and t
 
 1. claim the items (``processing``, attempt counted); skip ones already finished, so a redelivered task
    is a no-op;
-2. reuse the verdict of identical bytes (same sha256, same model version) where there is one;
+2. reuse the verdict of identical bytes (same sha256, same model version) where there is one; across
+   tenants the verdict is copied without ``reused_from`` (and with the original's timings), so no tenant
+   learns that another one sent the same bytes;
 3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap);
 4. run the model once per ``batch_size`` chunk;
 5. write verdicts (``ON CONFLICT DO NOTHING``) and final statuses in one transaction;
-6. if callbacks are configured, enqueue one ``verdict.created`` event (ids only) per item whose source has a
-   callback URL.
+6. enqueue one ``verdict.created`` event (ids only) per item whose tenant has a callback URL.
+
+Labels use the item's tenant's threshold when it has one, else the model's (or ``DFMOD_THRESHOLD``).
 
 A bad file fails its own item with a reason; a transient storage fault sends its item back to the queue
 with a delay; neither touches the other items of the batch.
@@ -33,12 +36,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
-from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
+from dfmod.db import Item, ItemStatus, Tenant, Verdict, insert_ignore, session_scope, utcnow
 from dfmod.detector import Predictor, to_pixels
 from dfmod.imaging import ImageRejected, decode_image
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 from dfmod.storage import Storage, StorageError, StorageUnavailable
+from dfmod.tenants import has_callback
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class Claimed:
     sha256: str | None
     enqueued_at: datetime | None
     source: str = ""
+    tenant_id: str = ""
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Outcome:
     transient: str | None = None
     inference_ms: float | None = None
     batch_size: int | None = None
+    cross_tenant_reuse: bool = False
 
 
 @dataclass
@@ -110,6 +116,8 @@ class BatchClassifier:
         # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
         # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
         self._inference_lock = threading.Lock()
+        # Tenants' thresholds and callback settings, read at each claim (a handful of rows).
+        self._tenants: dict[str, Tenant] = {}
 
     # --- the batch ---------------------------------------------------------------------------------
 
@@ -131,25 +139,25 @@ class BatchClassifier:
         outcomes = [Outcome(item=item) for item in claimed]
         fetch_started = time.perf_counter()
         self._reuse(outcomes, lambda o: o.item.sha256)
-        pending = [o for o in outcomes if o.reused_from is None]
+        pending = [o for o in outcomes if o.fake_probability is None]
         for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
             outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
         report.fetch_s = time.perf_counter() - fetch_started
-        self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
+        self._infer([o for o in pending if o.array is not None and o.fake_probability is None], report)
 
         persist_started = time.perf_counter()
         self._with_db_retry(lambda: self._persist(outcomes))
         report.persist_s = time.perf_counter() - persist_started
-        if self.settings.callbacks_enabled:
-            enqueue_events(
-                self.celery_app, self.settings,
-                [
-                    (EVENT_VERDICT, o.item.id, self.model_version)
-                    for o in outcomes
-                    if o.fake_probability is not None and self.settings.callback_url_for(o.item.source)
-                ],
-            )
+        enqueue_events(
+            self.celery_app, self.settings,
+            [
+                (EVENT_VERDICT, o.item.id, self.model_version)
+                for o in outcomes
+                if o.fake_probability is not None
+                and has_callback(self._tenants.get(o.item.tenant_id), self.settings, o.item.source)
+            ],
+        )
         retry_ids = [o.item.id for o in outcomes if o.transient]
         if retry_ids and self.celery_app is not None:
             try:
@@ -166,8 +174,8 @@ class BatchClassifier:
                 report.retried += 1
                 telemetry.TRANSIENT_ERRORS.labels(kind="storage").inc()
             elif outcome.fake_probability is not None:
-                label = self.predictor.label_for(outcome.fake_probability)
-                reused = outcome.reused_from is not None
+                label = self._label(outcome)
+                reused = outcome.reused_from is not None or outcome.cross_tenant_reuse
                 report.reused += reused
                 report.classified += not reused
                 telemetry.IMAGES_CLASSIFIED.labels(label=label, reused=str(reused).lower()).inc()
@@ -189,6 +197,7 @@ class BatchClassifier:
                 # Two deliveries of one item in two workers at once: one claims it, the other moves on.
                 query = query.with_for_update(skip_locked=True)
             items = session.scalars(query).all()
+            self._tenants = {tenant.id: tenant for tenant in session.scalars(select(Tenant))}
             already = set(
                 session.scalars(
                     select(Verdict.item_id).where(
@@ -214,7 +223,9 @@ class BatchClassifier:
                 item.status = ItemStatus.processing
                 item.attempts += 1
                 item.updated_at = now
-                claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source))
+                claimed.append(
+                    Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source, item.tenant_id)
+                )
             return claimed
 
     def _reuse(self, outcomes: list[Outcome], sha_of) -> None:
@@ -226,19 +237,36 @@ class BatchClassifier:
             return
         with session_scope(self.session_factory) as session:
             rows = session.execute(
-                select(Verdict.sha256, Verdict.fake_probability, Verdict.item_id)
+                select(
+                    Verdict.sha256, Verdict.fake_probability, Verdict.item_id, Item.tenant_id, Verdict.inference_ms,
+                    Verdict.batch_size,
+                )
+                .join(Item, Item.id == Verdict.item_id)
                 .where(Verdict.model_version == self.model_version, Verdict.sha256.in_(shas))
                 .order_by(Verdict.id)
             ).all()
-        known: dict[str, tuple[float, str]] = {}
-        for sha, probability, item_id in rows:
-            known.setdefault(sha, (probability, item_id))
+        known: dict[str, list] = {}
+        for row in rows:
+            known.setdefault(row.sha256, []).append(row)
         for outcome in outcomes:
             sha = sha_of(outcome)
-            if sha in known and known[sha][1] != outcome.item.id:
-                outcome.fake_probability, outcome.reused_from = known[sha]
-                outcome.sha256 = sha
-                outcome.array = None
+            candidates = [row for row in known.get(sha, []) if row.item_id != outcome.item.id]
+            if not candidates:
+                continue
+            # Prefer the tenant's own earlier item: only that one may be named.
+            own = [row for row in candidates if row.tenant_id == outcome.item.tenant_id]
+            source = (own or candidates)[0]
+            outcome.fake_probability = source.fake_probability
+            if own:
+                outcome.reused_from = source.item_id
+            else:
+                # Another tenant's bytes: the verdict is copied but looks like a fresh one (same timings),
+                # so nothing tells this tenant that someone else sent the same image.
+                outcome.reused_from = None
+                outcome.cross_tenant_reuse = True
+                outcome.inference_ms, outcome.batch_size = source.inference_ms, source.batch_size
+            outcome.sha256 = sha
+            outcome.array = None
 
     def _load(self, item: Claimed):
         """Fetch, hash and decode one item: (sha256, size, array, failure, transient)."""
@@ -283,8 +311,13 @@ class BatchClassifier:
         for outcome in outcomes:
             outcome.fake_probability = probabilities[outcome.sha256]
             outcome.array = None  # free the pixels before the database round trip
-            if outcome is not representatives[outcome.sha256]:
-                outcome.reused_from = representatives[outcome.sha256].item.id
+            representative = representatives[outcome.sha256]
+            if outcome is not representative:
+                if representative.item.tenant_id == outcome.item.tenant_id:
+                    outcome.reused_from = representative.item.id
+                else:
+                    outcome.cross_tenant_reuse = True
+                    outcome.inference_ms, outcome.batch_size = representative.inference_ms, representative.batch_size
 
     def _persist(self, outcomes: list[Outcome]) -> None:
         now = utcnow()
@@ -296,9 +329,9 @@ class BatchClassifier:
                 verdict_rows.append(
                     {
                         "item_id": outcome.item.id,
-                        "label": self.predictor.label_for(outcome.fake_probability),
+                        "label": self._label(outcome),
                         "fake_probability": outcome.fake_probability,
-                        "threshold": self.threshold,
+                        "threshold": self._threshold(outcome),
                         "model_version": self.model_version,
                         "sha256": outcome.sha256,
                         "inference_ms": outcome.inference_ms,
@@ -328,8 +361,8 @@ class BatchClassifier:
                     item.failure_reason = item.failure_detail = None
                     # The newest verdict, copied for the reviewers' queries (dfmod.review).
                     item.score = outcome.fake_probability
-                    item.label = self.predictor.label_for(outcome.fake_probability)
-                    item.threshold = self.threshold
+                    item.label = self._label(outcome)
+                    item.threshold = self._threshold(outcome)
                     item.model_version = self.model_version
                 elif outcome.failure:
                     item.status = ItemStatus.failed
@@ -339,6 +372,16 @@ class BatchClassifier:
                     item.status = ItemStatus.queued
                     item.failure_detail = f"retrying: {outcome.transient}"[:2000]
                     item.enqueued_at = now
+
+    def _threshold(self, outcome: Outcome) -> float:
+        tenant = self._tenants.get(outcome.item.tenant_id)
+        # DFMOD_THRESHOLD is the operator's override for every tenant; a tenant's own threshold refines the model's.
+        if tenant is not None and tenant.threshold is not None and self.settings.threshold is None:
+            return tenant.threshold
+        return self.threshold
+
+    def _label(self, outcome: Outcome) -> str:
+        return "fake" if outcome.fake_probability >= self._threshold(outcome) else "real"
 
     def _with_db_retry(self, operation, attempts: int = 5):
         """Retry a transaction through short database outages (failover, restart) with backoff."""
