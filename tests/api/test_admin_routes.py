@@ -24,7 +24,9 @@ def test_create_list_use_and_revoke_a_key(admin):
     assert body["key"].startswith("dfmod_") and body["key"].startswith(body["prefix"])
     assert body["scopes"] == ["ingest", "review"]
     carol = bearer(body["key"])
-    assert admin.get("/v1/whoami", headers=carol).json() == {"id": body["id"], "name": "carol", "scopes": ["ingest", "review"]}
+    assert admin.get("/v1/whoami", headers=carol).json() == {
+        "id": body["id"], "name": "carol", "scopes": ["ingest", "review"], "tenant": "default", "tenants": ["default"],
+    }
 
     listed = {key["name"]: key for key in admin.get("/v1/keys").json()}
     assert set(listed) == {"root", "carol"} and "key" not in listed["carol"]
