@@ -11,15 +11,15 @@ from __future__ import annotations
 import io
 import time
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from api.auth import ReviewKey, access, link_or_key, not_found, signed_link
+from api.auth import ReviewKey, access, link_or_key, not_found, require, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.ingest_routes import _storage_error
@@ -35,6 +35,8 @@ from dfmod.storage import ObjectNotFound, StorageError, heatmap_key
 from dfmod.tenants import has_callback
 
 router = APIRouter(prefix="/v1")
+# An admin key may retract any decision of any tenant, without being a reviewer.
+RetractKey = Annotated[ApiKey, Depends(require("review", "admin"))]
 
 THUMBNAIL_SIDE = 256
 # A reviewer's page polls for a pending heatmap; one task per item per this many seconds is plenty.
@@ -235,10 +237,11 @@ def add_review(
 
 @router.post(
     "/items/{item_id}/reviews/{review_id}/retract", response_model=ReviewOut, status_code=status.HTTP_201_CREATED,
-    responses={404: {}, 409: {}}, summary="Undo the item's current decision (appends a retraction)",
+    responses={403: {}, 404: {}, 409: {}},
+    summary="Undo the item's current decision (appends a retraction); by its author or an admin key",
 )
 def retract_review(
-    item_id: str, review_id: int, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: str, review_id: int, key: RetractKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     body: RetractIn | None = None,
 ) -> ReviewOut:
     try:

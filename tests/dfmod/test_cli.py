@@ -34,7 +34,8 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as anonymous:
             assert anonymous.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")}).status_code == 401
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client:
-            assert client.get("/v1/whoami").json()["scopes"] == ["admin", "ingest", "review"]
+            whoami = client.get("/v1/whoami").json()
+            assert whoami["scopes"] == ["admin", "ingest", "review"] and whoami["tenant"] == "default"
             accepted = client.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")})
             assert accepted.status_code == 202, accepted.text
             item_id = accepted.json()["id"]
