@@ -308,13 +308,13 @@ def retract_review(
         raise NotFound("not_found", f"item {item_id} has no review {review_id}")
     if target.decision == RETRACTED:
         raise Conflict("not_retractable", "a retraction cannot itself be retracted")
-    if target.key_id != key.id and "admin" not in key.scope_set:
-        raise Forbidden("not_author", f"review {review_id} was made by {target.reviewer!r}; only they or an admin may retract it")
     if session.scalar(select(Review.id).where(Review.retracts_id == target.id)):
         raise Conflict("already_retracted", f"review {review_id} is already retracted")
     current = _current_review(session, item)
     if current is None or current.id != target.id:
         raise Conflict("not_current", f"review {review_id} is not the item's latest decision")
+    if target.key_id != key.id and "admin" not in key.scope_set:
+        raise Forbidden("not_author", f"review {review_id} was made by {target.reviewer!r}; only they or an admin may retract it")
     retraction = Review(
         item_id=item.id, decision=RETRACTED, note=note, reviewer=key.name, key_id=key.id, retracts_id=target.id,
         model_label=item.label, model_score=item.score, created_at=utcnow(),
