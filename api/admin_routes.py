@@ -58,7 +58,7 @@ def revoke_key(name_or_id: str, _admin: AdminKey, session: SessionDep) -> KeyOut
 def effective_settings(_admin: AdminKey, settings: SettingsDep) -> dict:
     values = settings.model_dump(mode="json")
     # Passwords inside URLs are secrets too.
-    for name in ("database_url", "broker_url"):
+    for name in ("database_url", "broker_url", "rate_limit_storage_url"):
         value = values.get(name)
         if isinstance(value, str) and "@" in value and "://" in value:
             scheme, rest = value.split("://", 1)
