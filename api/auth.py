@@ -25,9 +25,9 @@ from fastapi import Depends, Request, status
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
-from api.errors import ApiError
 from api.ratelimit import READS, UPLOADS
 from dfmod.db import ApiKey
+from dfmod.errors import DfmodError, NotFound
 from dfmod.keys import authenticate, hash_key
 from dfmod.tenants import Access
 
@@ -49,15 +49,17 @@ def _fingerprint(plaintext: str) -> str:
 def _authenticate(request: Request, session: Session) -> ApiKey:
     plaintext = presented_key(request)
     if plaintext is None:
-        raise ApiError(
-            status.HTTP_401_UNAUTHORIZED, "unauthorized",
+        raise DfmodError(
             "this endpoint needs an API key: send Authorization: Bearer KEY (create one with `dfmod keys create`)",
-            headers=_CHALLENGE,
+            code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED, headers=_CHALLENGE,
         )
     key = authenticate(session, plaintext)
     if key is None:
         logger.warning("rejected unknown or revoked API key (fingerprint %s) on %s", _fingerprint(plaintext), request.url.path)
-        raise ApiError(status.HTTP_401_UNAUTHORIZED, "unauthorized", "unknown or revoked API key", headers=_CHALLENGE)
+        raise DfmodError(
+            "unknown or revoked API key", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED,
+            headers=_CHALLENGE,
+        )
     request.state.api_key_name = key.name
     return key
 
@@ -65,9 +67,9 @@ def _authenticate(request: Request, session: Session) -> ApiKey:
 def _check_scope(request: Request, key: ApiKey, scopes: tuple[str, ...]) -> None:
     if not key.scope_set.intersection(scopes):
         logger.info("key %r (scopes %s) refused on %s", key.name, key.scopes, request.url.path)
-        raise ApiError(
-            status.HTTP_403_FORBIDDEN, "forbidden",
+        raise DfmodError(
             f"key {key.name!r} has scopes [{key.scopes}]; this endpoint needs {' or '.join(scopes)}",
+            code="forbidden", http_status=status.HTTP_403_FORBIDDEN,
         )
 
 
@@ -94,9 +96,9 @@ def access(key: ApiKey) -> Access:
     return Access.of(key)
 
 
-def not_found(item_id: str) -> ApiError:
+def not_found(item_id: str) -> NotFound:
     # The same answer whether the item does not exist or belongs to a tenant the key cannot see.
-    return ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    return NotFound(f"no item {item_id}")
 
 
 IngestKey = Annotated[ApiKey, Depends(require("ingest", limit=UPLOADS))]
@@ -141,6 +143,8 @@ def link_or_key(request: Request, session: Session, item_id: str, variant: str) 
         and hmac.compare_digest(_link_signature(key, item_id, variant, expiry), signature)
     )
     if not valid:
-        raise ApiError(status.HTTP_403_FORBIDDEN, "invalid_link", "this image link is invalid or has expired")
+        raise DfmodError(
+            "this image link is invalid or has expired", code="invalid_link", http_status=status.HTTP_403_FORBIDDEN
+        )
     _rate_limit(request, key, READS)
     return key

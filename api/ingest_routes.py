@@ -26,34 +26,26 @@ from sqlalchemy.orm import selectinload
 
 from api.auth import IngestKey, ReadKey, access, not_found
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
-from api.errors import ApiError
 from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
 from dfmod.db import Item
-from dfmod.imaging import ImageRejected, probe_image
-from dfmod.items import NewItem, enqueue_items, record_items
-from dfmod.storage import StorageError, StorageUnavailable, validate_key
-from dfmod.tenants import may_ingest, tenant_for_events_token, events_enabled
+from dfmod.errors import DfmodError, NotFound
+from dfmod.imaging import probe_image
+from dfmod.db import session_scope
+from dfmod.lifecycle import NewItem, record_and_enqueue
+from dfmod.storage import BucketNotAllowed, ObjectTooLarge, StorageError, validate_key
+from dfmod.tenants import events_enabled, may_ingest, tenant_for_events_token
 
 router = APIRouter(prefix="/v1")
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
-def _storage_error(exc: StorageError) -> ApiError:
-    if isinstance(exc, StorageUnavailable):
-        return ApiError(status.HTTP_503_SERVICE_UNAVAILABLE, exc.reason, str(exc))
-    code = {
-        "bucket_not_allowed": status.HTTP_403_FORBIDDEN,
-        "invalid_key": status.HTTP_400_BAD_REQUEST,
-        "object_not_found": status.HTTP_404_NOT_FOUND,
-        "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
-    }.get(exc.reason, status.HTTP_502_BAD_GATEWAY)
-    return ApiError(code, exc.reason, str(exc))
-
-
 def _accepted_response(request: Request, recorded) -> JSONResponse:
     item = recorded.item
-    body = Accepted(id=item.id, status=item.status.value, duplicate=not recorded.created)
+    body = Accepted(
+        id=item.id, status=item.status.value, duplicate=not recorded.created or recorded.duplicate_of is not None,
+        duplicate_of=recorded.duplicate_of,
+    )
     return JSONResponse(
         body.model_dump(), status_code=status.HTTP_202_ACCEPTED if recorded.created else status.HTTP_200_OK,
         headers={"Location": str(request.url_for("get_image", item_id=item.id))},
@@ -64,7 +56,7 @@ def _accepted_response(request: Request, recorded) -> JSONResponse:
     "/images",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses={400: {}, 413: {}, 415: {}, 503: {}},
+    responses={413: {}, 415: {}, 422: {}, 503: {}},
     summary="Upload an image for classification",
 )
 def upload_image(
@@ -79,23 +71,13 @@ def upload_image(
 ):
     data = file.file.read(settings.max_upload_bytes + 1)
     limits = settings.image_limits
-    try:
-        probe = probe_image(data, limits)
-    except ImageRejected as exc:
-        code = {
-            "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
-            "not_an_image": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        }.get(exc.reason, status.HTTP_400_BAD_REQUEST)
-        raise ApiError(code, exc.reason, exc.detail) from exc
+    probe = probe_image(data, limits)
     sha256 = hashlib.sha256(data).hexdigest()
     now = datetime.now(timezone.utc)
     object_key = f"uploads/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{_EXTENSIONS.get(probe.format, 'bin')}"
-    try:
-        info = storage.put(settings.upload_bucket, object_key, data, content_type=probe.mime)
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
-    [recorded] = record_items(
-        session,
+    info = storage.put(settings.upload_bucket, object_key, data, content_type=probe.mime)
+    [recorded] = record_and_enqueue(
+        session, request.app.state.session_factory, celery, settings,
         [
             NewItem(
                 bucket=settings.upload_bucket, key=object_key, version=info.version_id or "", etag=info.etag,
@@ -104,8 +86,6 @@ def upload_image(
             )
         ],
     )
-    session.commit()  # the worker must find the item before it can find the task
-    enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
     return _accepted_response(request, recorded)
 
 
@@ -123,18 +103,12 @@ def register_image(
     # Checked before the object is looked at, so another tenant's bucket cannot even be probed.
     if not may_ingest(request.app.state.buckets, key.tenant_id, body.bucket, body.key):
         raise _bucket_not_allowed(body.bucket)
-    try:
-        validate_key(body.key)
-        info = storage.head(body.bucket, body.key)
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
+    validate_key(body.key)
+    info = storage.head(body.bucket, body.key)
     if info.size > settings.max_upload_bytes:
-        raise ApiError(
-            status.HTTP_413_CONTENT_TOO_LARGE, "too_large",
-            f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}",
-        )
-    [recorded] = record_items(
-        session,
+        raise ObjectTooLarge(f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}")
+    [recorded] = record_and_enqueue(
+        session, request.app.state.session_factory, celery, settings,
         [
             NewItem(
                 bucket=body.bucket, key=body.key, version=info.version_id or info.etag or "", etag=info.etag,
@@ -143,16 +117,13 @@ def register_image(
             )
         ],
     )
-    if recorded.item.tenant_id != key.tenant_id:
+    if recorded.item.tenant_id != key.tenant_id:  # the object is another tenant's item already
         raise _bucket_not_allowed(body.bucket)
-    session.commit()
-    if recorded.created:
-        enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
     return _accepted_response(request, recorded)
 
 
-def _bucket_not_allowed(bucket: str) -> ApiError:
-    return ApiError(status.HTTP_403_FORBIDDEN, "bucket_not_allowed", f"bucket {bucket!r} is not one of this tenant's buckets")
+def _bucket_not_allowed(bucket: str) -> BucketNotAllowed:
+    return BucketNotAllowed(f"bucket {bucket!r} is not one of this tenant's buckets")
 
 
 def _event_tenant(request: Request, settings, authorization: str | None) -> str:
@@ -161,16 +132,15 @@ def _event_tenant(request: Request, settings, authorization: str | None) -> str:
     # MinIO sends its auth_token verbatim, so accept both "Bearer TOKEN" and a bare "TOKEN".
     if presented.lower().startswith("bearer "):
         presented = presented[7:].strip()
-    with request.app.state.session_factory() as session:
+    with session_scope(request.app.state.session_factory) as session:
         tenant = tenant_for_events_token(session, settings, presented) if presented else None
         if tenant is None and not events_enabled(session, settings):
-            raise ApiError(
-                status.HTTP_404_NOT_FOUND, "events_disabled",
-                "no events token is configured: set DFMOD_S3_EVENT_TOKEN or create a tenant",
+            raise NotFound(
+                "no events token is configured: set DFMOD_S3_EVENT_TOKEN or create a tenant", code="events_disabled"
             )
-    if tenant is None:
-        raise ApiError(status.HTTP_401_UNAUTHORIZED, "unauthorized", "missing or wrong event token")
-    return tenant.id
+        if tenant is None:
+            raise DfmodError("missing or wrong event token", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED)
+        return tenant.id
 
 
 def _parse_record(request: Request, record: Any, tenant_id: str) -> tuple[NewItem | None, EventRecordResult | None]:
@@ -223,12 +193,12 @@ async def s3_events(
     try:
         payload = await request.json()
     except ValueError as exc:
-        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "body is not JSON") from exc
+        raise DfmodError("body is not JSON", code="malformed_event") from exc
     if isinstance(payload, dict) and "Records" not in payload and payload.get("Event") == "s3:TestEvent":
         return EventsOut(accepted=0, duplicates=0, ignored=1, rejected=0, records=[EventRecordResult(status="ignored", reason="test event")])
     records = payload.get("Records") if isinstance(payload, dict) else None
     if not isinstance(records, list) or not records:
-        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "expected an S3 notification with Records[]")
+        raise DfmodError("expected an S3 notification with Records[]", code="malformed_event")
     # Database and broker calls are blocking: run them off the event loop.
     return await run_in_threadpool(_record_events, request, settings, records, tenant_id)
 
@@ -242,13 +212,12 @@ def _record_events(request: Request, settings, records: list, tenant_id: str) ->
         if new is not None:
             to_record.append((index, new))
     factory = request.app.state.session_factory
-    with factory() as session:
-        recorded = record_items(session, [new for _, new in to_record])
-        session.commit()
-    fresh_ids = [r.item.id for r in recorded if r.created]
-    enqueue_items(factory, request.app.state.celery, settings, fresh_ids)
+    with session_scope(factory) as session:
+        recorded = record_and_enqueue(
+            session, factory, request.app.state.celery, settings, [new for _, new in to_record]
+        )
     for (index, new), rec in zip(to_record, recorded):
-        if rec.item.tenant_id != tenant_id:
+        if rec.item.tenant_id != tenant_id:  # another tenant's item already: refuse, and name nothing
             results[index] = EventRecordResult(bucket=new.bucket, key=new.key, status="rejected", reason="bucket_not_allowed")
             continue
         results[index] = EventRecordResult(

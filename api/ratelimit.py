@@ -15,7 +15,7 @@ import time
 
 from fastapi import status
 
-from api.errors import ApiError
+from dfmod.errors import DfmodError
 from dfmod.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RateLimiter:
         return self._strategy is not None
 
     def hit(self, kind: str, key_id: str) -> None:
-        """Count one request of ``kind`` for ``key_id``; raise a 429 :class:`ApiError` when over a limit."""
+        """Count one request of ``kind`` for ``key_id``; raise a 429 :class:`DfmodError` when over a limit."""
         if self._strategy is None or kind not in self.rules:
             return
         for rule in self.rules[kind]:
@@ -58,8 +58,8 @@ class RateLimiter:
                 logger.warning("rate-limit store unavailable; request let through", exc_info=True)
                 return
             retry_after = max(1, math.ceil(reset - time.time()))
-            raise ApiError(
-                status.HTTP_429_TOO_MANY_REQUESTS, "rate_limited",
+            raise DfmodError(
                 f"this key made more than {rule} {kind} requests; retry in {retry_after} s",
+                code="rate_limited", http_status=status.HTTP_429_TOO_MANY_REQUESTS,
                 headers={"Retry-After": str(retry_after)},
             )

@@ -1,27 +1,23 @@
 """Tenant administration (``admin`` scope): create, list, read, update, disable, rotate secrets.
 
-The same operations exist on the command line (``dfmod tenants ...``); both go through :mod:`dfmod.tenants`.
-Secrets (events token, callback secret) appear in a response once, when made; only their hash or ciphertext
-is stored.
+The same operations exist on the command line (``dfmod tenants ...``); both go through :mod:`dfmod.tenants`,
+whose :class:`~dfmod.tenants.TenantProblem` errors answer through the one error handler. Secrets (events
+token, callback secret) appear in a response once, when made, after the request's transaction committed;
+only their hash or ciphertext is stored.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import JSONResponse
 
 from api.auth import AdminKey
 from api.deps import SessionDep, SettingsDep
-from api.errors import ApiError
 from api.schemas import RotateSecretIn, TenantCreated, TenantIn, TenantOut, TenantPatch
 from dfmod import tenants
 
 router = APIRouter(prefix="/v1/tenants")
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _error(exc: tenants.TenantProblem) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
 
 
 def _created(made: tenants.TenantSecrets, code: int) -> JSONResponse:
@@ -42,49 +38,33 @@ def list_tenants(_admin: AdminKey, session: SessionDep, include_disabled: bool =
     summary="Create a tenant; its events token and callback secret are shown once",
 )
 def create_tenant(body: TenantIn, _admin: AdminKey, session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    try:
-        made = tenants.create_tenant(
-            session, tenants.secret_box(settings), body.name, body.callback_url, body.buckets, body.threshold,
-            body.review_band,
-        )
-        session.commit()
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
+    made = tenants.create_tenant(
+        session, tenants.secret_box(settings), body.name, body.callback_url, body.buckets, body.threshold,
+        body.review_band,
+    )
     return _created(made, status.HTTP_201_CREATED)
 
 
 @router.get("/{name_or_id}", response_model=TenantOut, summary="One tenant")
 def get_tenant(name_or_id: str, _admin: AdminKey, session: SessionDep) -> TenantOut:
-    try:
-        return TenantOut.of(tenants.get_tenant(session, name_or_id))
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
+    return TenantOut.of(tenants.get_tenant(session, name_or_id))
 
 
 @router.patch("/{name_or_id}", response_model=TenantOut, summary="Change a tenant's callback URL, buckets, threshold, band")
-def update_tenant(name_or_id: str, body: TenantPatch, request: Request, _admin: AdminKey, session: SessionDep) -> TenantOut:
+def update_tenant(name_or_id: str, body: TenantPatch, _admin: AdminKey, session: SessionDep) -> TenantOut:
     sent = body.model_fields_set
     changes = {name: getattr(body, name) for name in ("callback_url", "threshold", "review_band") if name in sent}
-    try:
-        tenant = tenants.get_tenant(session, name_or_id)
-        tenants.update_tenant(
-            session, tenant, add_buckets=body.add_buckets, remove_buckets=body.remove_buckets,
-            enabled=body.enabled, **changes,
-        )
-        session.commit()
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
+    tenant = tenants.get_tenant(session, name_or_id)
+    tenants.update_tenant(
+        session, tenant, add_buckets=body.add_buckets, remove_buckets=body.remove_buckets, enabled=body.enabled,
+        **changes,
+    )
     return TenantOut.of(tenant)
 
 
 @router.post("/{name_or_id}/disable", response_model=TenantOut, summary="Disable a tenant: its keys and token stop working")
 def disable_tenant(name_or_id: str, _admin: AdminKey, session: SessionDep) -> TenantOut:
-    try:
-        tenant = tenants.disable_tenant(session, tenants.get_tenant(session, name_or_id))
-        session.commit()
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
-    return TenantOut.of(tenant)
+    return TenantOut.of(tenants.disable_tenant(session, tenants.get_tenant(session, name_or_id)))
 
 
 @router.post(
@@ -94,14 +74,8 @@ def disable_tenant(name_or_id: str, _admin: AdminKey, session: SessionDep) -> Te
 def rotate_callback_secret(
     name_or_id: str, _admin: AdminKey, session: SessionDep, settings: SettingsDep, body: RotateSecretIn | None = None,
 ) -> JSONResponse:
-    try:
-        tenant = tenants.get_tenant(session, name_or_id)
-        made = tenants.rotate_callback_secret(
-            session, tenants.secret_box(settings), tenant, (body or RotateSecretIn()).overlap_s
-        )
-        session.commit()
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
+    tenant = tenants.get_tenant(session, name_or_id)
+    made = tenants.rotate_callback_secret(session, tenants.secret_box(settings), tenant, (body or RotateSecretIn()).overlap_s)
     return _created(made, status.HTTP_200_OK)
 
 
@@ -110,9 +84,5 @@ def rotate_callback_secret(
     summary="New events token (shown once); the old one stops working at once",
 )
 def rotate_events_token(name_or_id: str, _admin: AdminKey, session: SessionDep) -> JSONResponse:
-    try:
-        made = tenants.rotate_events_token(session, tenants.get_tenant(session, name_or_id))
-        session.commit()
-    except tenants.TenantProblem as exc:
-        raise _error(exc) from exc
+    made = tenants.rotate_events_token(session, tenants.get_tenant(session, name_or_id))
     return _created(made, status.HTTP_200_OK)

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod.db import (
     DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME, ApiKey, Item, Tenant, TenantBucket, session_scope, utcnow,
 )
+from dfmod.errors import DfmodError
 from dfmod.settings import Settings
 
 EVENTS_TOKEN_PREFIX = "dfmodev_"
@@ -48,14 +49,11 @@ RESERVED_PREFIXES = ("uploads/", "heatmaps/")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class TenantProblem(ValueError):
-    """A tenant operation that cannot be done; ``code`` is the API error code, ``status`` its HTTP status."""
+class TenantProblem(DfmodError, ValueError):
+    """A tenant operation that cannot be done; ``code`` is the API error code, ``http_status`` its HTTP status."""
 
     def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+        super().__init__(message, code=code, http_status=status)
 
 
 # --- secrets ---------------------------------------------------------------------------------------
@@ -416,6 +414,11 @@ def callback_target(
         if url is not None and settings.callback_secret is not None:
             return CallbackTarget(url, (settings.callback_secret.get_secret_value(),))
     return None
+
+
+def load_tenants(session: Session) -> dict[str, Tenant]:
+    """Every tenant by id (the worker reads thresholds and callback settings from them)."""
+    return {tenant.id: tenant for tenant in session.scalars(select(Tenant))}
 
 
 def default_tenant(session: Session) -> Tenant:

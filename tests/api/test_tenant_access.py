@@ -200,6 +200,13 @@ def test_a_tenants_token_key_and_secret_reach_nothing_of_another_tenant(world):
                        headers=bearer(keys["ingest_a"]))
     assert grab.status_code == 403 and grab.json()["error"] == "bucket_not_allowed"
     assert client.get(f"/v1/images/{upload['id']}", headers=bearer(keys["ingest_a"])).status_code == 404
+    # Identical bytes uploaded by A afterwards: a new item of A's, and nothing names (or hints at) B's.
+    same = client.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")},
+                       headers=bearer(keys["ingest_a"]))
+    assert same.status_code == 202 and same.json()["duplicate"] is False and same.json()["duplicate_of"] is None
+    again = client.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")},
+                        headers=bearer(keys["ingest_a"])).json()
+    assert again["duplicate"] is True and again["duplicate_of"] == same.json()["id"]  # within A: named
 
     # Keys: A's ingest key cannot create in B's bucket nor read B's items; A's reviewer cannot review them.
     assert client.post("/v1/images:register", json={"bucket": buckets["b"], "key": "seed/register.jpg"},
