@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     app.state.session_factory = make_session_factory(app.state.engine)
-    app.state.storage = make_storage(settings)
+    app.state.storage = make_storage(settings.for_api())
     app.state.celery = make_celery(settings)
     app.state.heatmaps_requested = {}
     install_error_handlers(app)
