@@ -74,9 +74,9 @@ def test_partial_batches_keep_flushing_on_time_after_redis_restarts(
         time.sleep(0.4)
         redis.restart(down_s=1.0)
         deadline = time.monotonic() + 60
-        while worker.log().count("Connected to redis") < 2 and time.monotonic() < deadline:
+        while "flush timer re-armed" not in worker.log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert worker.log().count("Connected to redis") >= 2, worker.log()
+        assert worker.log_path.read_text().count("Connected to redis") >= 2, worker.log()
         assert _wait_classified(settings, buffered, 30) is not None, worker.log()
 
         # After the reconnect, partial batches (2 of 8) still go after about wait_s, not when 8 arrived.
@@ -114,7 +114,7 @@ def test_a_database_outage_between_claim_and_persist_loses_no_batch(integration_
         assert elapsed is not None, worker.log()
         items = _items(integration_settings, ids)
         assert [item.attempts for item in items] == [1] * len(ids)  # finished on the first claim: no sweep, no retry
-        assert "database unavailable" in worker.log()  # the outage did land inside the batch
+        assert "database unavailable" in worker.log_path.read_text()  # the outage did land inside the batch
         engine = make_engine(integration_settings.resolved_database_url)
         with session_scope(make_session_factory(engine)) as session:
             assert session.scalar(select(func.count()).select_from(Verdict)) == len(ids)
