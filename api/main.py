@@ -107,17 +107,17 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _check_database(app: FastAPI) -> str:
-    from dfmod.migrate import head_revision
+    from dfmod.migrate import SchemaState, head_revision, schema_state
 
     try:
         with app.state.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} (did you run `dfmod migrate`?)"
-    head = head_revision()
-    if current != head:
-        return f"error: schema at {current}, code expects {head}: run `dfmod migrate`"
+    # Only a schema *behind* the code makes a pod unready: a newer release's migrations are backward
+    # compatible (expand/contract), so old pods keep serving through a rolling upgrade or a rollback.
+    if schema_state(current) is SchemaState.behind:
+        return f"error: schema at {current}, code expects {head_revision()}: run `dfmod migrate`"
     return "ok"
 
 
