@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from api import admin_routes, ingest_routes, review_routes
@@ -24,6 +24,7 @@ from api.errors import install_error_handlers
 from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
+from dfmod.queue_depth import QueueDepthCollector
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 
@@ -36,6 +37,7 @@ async def _lifespan(app: FastAPI):
     yield
     # Close pooled database connections with the app, rather than whenever the garbage collector gets to them.
     app.state.engine.dispose()
+    app.state.queue_depth.close()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -51,6 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
     app.state.heatmaps_requested = {}
+    # Per app, not the global registry: the queue depth is read from this app's broker at scrape time.
+    app.state.broker_metrics = CollectorRegistry(auto_describe=False)
+    app.state.queue_depth = QueueDepthCollector(settings)
+    app.state.broker_metrics.register(app.state.queue_depth)
     install_error_handlers(app)
     app.include_router(ingest_routes.router)
     app.include_router(review_routes.router)
@@ -101,7 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest() + generate_latest(app.state.broker_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 
