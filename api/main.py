@@ -3,7 +3,9 @@
 Run it with ``dfmod api`` (uvicorn) or ``uvicorn --factory api.main:app_from_env``. Start-up never runs
 migrations: ``/readyz`` reports an unmigrated database instead, and ops run ``dfmod migrate``.
 
-Also serves the review page (``/review``): static HTML, JS and CSS over the JSON API, no build step.
+Also serves the review page (``/review``): static HTML, JS and CSS over the JSON API, no build step; and the
+interactive API docs (``/docs``, ``/redoc``) with Swagger UI's and ReDoc's assets from the ``fastapi-offline``
+package, so they work where no CDN can be reached.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
@@ -29,7 +32,9 @@ from dfmod.settings import Settings
 from dfmod.storage import make_storage
 
 
-REVIEW_PAGE = Path(__file__).resolve().parent / "static" / "review"
+STATIC = Path(__file__).resolve().parent / "static"
+REVIEW_PAGE = STATIC / "review"
+FAVICON = STATIC / "favicon.ico"
 
 
 @asynccontextmanager
@@ -41,11 +46,14 @@ async def _lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their scripts from a CDN (blank offline); these come from the package.
+    app = FastAPIOffline(
         title="dfmod",
         version="0.1.0",
         description="Deepfake-image moderation: ingest images, classify them in batched workers, query verdicts.",
         lifespan=_lifespan,
+        favicon_url="/favicon.ico",
+        static_url="/docs/static",
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
@@ -62,6 +70,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(review_routes.router)
     app.include_router(admin_routes.router)
     app.mount("/review/static", StaticFiles(directory=REVIEW_PAGE), name="review-static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/review", include_in_schema=False)
     def review_page() -> FileResponse:
