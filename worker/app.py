@@ -6,7 +6,7 @@ worker starts consuming: a missing checkpoint stops the worker at start, not at 
 
 Batching is celery-batches: messages are buffered until ``batch_size`` of them arrived or
 ``batch_wait_ms`` passed, then the whole buffer is handed to one task call. Prefetch is bounded to one
-batch (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
+batch per batch slot, ``batch_size x concurrency`` (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
 worker killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
 
 Liveness (:mod:`worker.liveness`): the consumer's event loop refreshes a heartbeat file and each batch marks
