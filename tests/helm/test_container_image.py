@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -179,14 +180,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize(("status", "expected_rc"), [(200, 0), (503, 1)])
-def test_healthcheck_script(root, status, expected_rc):
+def test_healthcheck_script(root, status, expected_rc, tmp_path):
     handler = type("Handler", (_Handler,), {"status": status})
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         port = server.server_address[1]
-        env = {**os.environ, "DFMOD_API_PORT": str(port), "DFMOD_METRICS_PORT": "1"}
+        env = {**os.environ, "DFMOD_API_PORT": str(port), "DFMOD_METRICS_PORT": "1", "DFMOD_HEARTBEAT_DIR": str(tmp_path)}
         env.pop("DFMOD_HEALTHCHECK_URL", None)
         result = subprocess.run(
             [sys.executable, str(root / "docker" / "healthcheck.py")], env=env, capture_output=True, timeout=30
@@ -197,12 +198,29 @@ def test_healthcheck_script(root, status, expected_rc):
         server.server_close()
 
 
-def test_healthcheck_script_fails_when_nothing_listens(root):
-    env = {**os.environ, "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1"}
+def test_healthcheck_script_fails_when_nothing_listens(root, tmp_path):
+    env = {**os.environ, "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1", "DFMOD_HEARTBEAT_DIR": str(tmp_path)}
     env.pop("DFMOD_HEALTHCHECK_URL", None)
     result = subprocess.run([sys.executable, str(root / "docker" / "healthcheck.py")], env=env, capture_output=True, timeout=30)
     assert result.returncode == 1
     assert b"unhealthy" in result.stderr
+
+
+def test_healthcheck_follows_a_workers_heartbeat(root, tmp_path):
+    """With a heartbeat present (a worker), a stale consuming loop is unhealthy although nothing is asked
+    over HTTP: the metrics thread of a hung worker would still answer."""
+    from worker.liveness import Heartbeat
+
+    Heartbeat(tmp_path).beat()
+    env = {**os.environ, "DFMOD_HEARTBEAT_DIR": str(tmp_path), "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1",
+           "DFMOD_HEALTHCHECK_MAX_AGE_S": "60"}
+    env.pop("DFMOD_HEALTHCHECK_URL", None)
+    script = [sys.executable, str(root / "docker" / "healthcheck.py")]
+    assert subprocess.run(script, env=env, capture_output=True, timeout=30, cwd=root).returncode == 0
+    stale = time.time() - 600
+    os.utime(tmp_path / "loop", (stale, stale))
+    result = subprocess.run(script, env=env, capture_output=True, timeout=30, cwd=root)
+    assert result.returncode == 1 and b"consumer loop silent" in result.stderr
 
 
 def _hadolint() -> str | None:
