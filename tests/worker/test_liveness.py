@@ -1,6 +1,6 @@
 """Worker liveness on a real worker (Redis, Postgres, S3 server): ``dfmod worker-alive`` passes while the
-worker is busy in a long batch, and fails within its threshold once the consuming loop is frozen (SIGSTOP);
-and the in-flight figure the ops guide gives KEDA users (``batch_size x concurrency`` messages per worker
+worker is busy in a long batch, fails within its threshold once the consuming loop is frozen (SIGSTOP), and
+beats again after the broker connection was cut and restored; and the in-flight figure the ops guide gives KEDA users (``batch_size x concurrency`` messages per worker
 leave the Redis list) measured against the same real worker."""
 
 from __future__ import annotations
@@ -169,3 +169,99 @@ def test_messages_a_worker_hides_from_the_queue_are_batch_size_times_concurrency
         text = api.get("/metrics").text
     assert f'dfmod_queue_depth{{queue="{queue}",state="waiting"}} {float(waiting)}' in text
     assert f'dfmod_queue_depth{{queue="{queue}",state="in_flight"}} {float(hidden)}' in text
+
+
+class _CuttableProxy:
+    """A TCP proxy to Redis whose link can be cut (every connection closed, new ones refused) and restored:
+    a broker outage for one worker, without touching the Redis other tests share."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.down = threading.Event()
+        self.sockets: list = []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        import socket
+
+        self.down.set()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+            self.sockets.clear()
+
+    def restore(self) -> None:
+        self.down.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_heartbeat_comes_back_after_the_broker_connection_is_lost(integration_env, worker_factory, tmp_path):
+    """Celery clears its event-loop timers when the broker connection drops (issue 15); the heartbeat step is
+    started again with the consumer, so a reconnected worker is alive again without a restart."""
+    from urllib.parse import urlparse
+
+    broker = urlparse(integration_env["DFMOD_BROKER_URL"])
+    proxy = _CuttableProxy(broker.port or 6379)
+    heartbeat = tmp_path / "heartbeat-reconnect"
+    max_age = 4.0
+    try:
+        worker = worker_factory(
+            DFMOD_BROKER_URL=f"redis://127.0.0.1:{proxy.port}{broker.path}",
+            DFMOD_HEARTBEAT_DIR=heartbeat, DFMOD_HEARTBEAT_INTERVAL_S=0.5,
+        )
+        assert _wait_for(lambda: check(heartbeat, max_age).alive, 15), worker.log()
+        proxy.cut()
+        assert _wait_for(lambda: not check(heartbeat, max_age).alive, max_age + 10), worker.log()
+        proxy.restore()
+        came_back = _wait_for(lambda: check(heartbeat, max_age).alive, 60, 0.5)
+        assert came_back, (check(heartbeat, max_age), worker.log())
+        # and it stays alive: beats keep coming from the re-armed timer, not a one-off
+        time.sleep(max_age + 1)
+        assert check(heartbeat, max_age).alive, worker.log()
+    finally:
+        proxy.close()
