@@ -18,7 +18,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from dfmod.db import make_engine, make_session_factory, session_scope
-from dfmod.items import NewItem, enqueue_items, record_items
+from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
 from dfmod.queue_depth import UNACKED_KEY
 from tests.conftest import REPO_ROOT, WorkerProcess, make_image_bytes
