@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from api.main import create_app
-from tests.conftest import bearer
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 

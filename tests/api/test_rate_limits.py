@@ -7,7 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.conftest import bearer, make_image_bytes
+from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 

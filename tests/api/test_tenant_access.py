@@ -22,7 +22,8 @@ from api.main import create_app
 from dfmod import tenants
 from dfmod.callbacks import EVENT_VERDICT, SIGNATURE_HEADER, deliver, verify_signature
 from dfmod.db import ApiKey, Item, Review, make_engine, make_session_factory, session_scope
-from tests.conftest import bearer, make_image_bytes, seed_items
+from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer, seed_items
 
 pytestmark = pytest.mark.integration
 OWN, OTHER = "own", "other"

@@ -5,6 +5,7 @@ classified once without either learning about the other's item."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -14,11 +15,20 @@ from pydantic import SecretStr
 from api.main import create_app
 from dfmod import tenants
 from dfmod.db import make_engine, make_session_factory, session_scope
-from tests.conftest import bearer, make_image_bytes
+from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer
 from tests.dfmod.test_callbacks import verify_dfmod_signature
-from tests.worker.test_event_tasks import _wait
 
 pytestmark = pytest.mark.integration
+
+
+def _wait(predicate, timeout: float, what: str, log=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{log()}")
 
 
 def test_each_tenant_hears_only_of_its_own_items_signed_with_its_own_secret(
