@@ -235,6 +235,26 @@ class Verdict(Base):
     item: Mapped[Item] = relationship(back_populates="verdicts")
 
 
+class VerdictFace(Base):
+    """One face the face stage found in an item's image, under one model version: its box (pixels of the
+    decoded image), the face detector's score and the face's own fake probability. The verdict's score is the
+    most-fake face's; reviewers see every face. Unique per (item, model version, face index)."""
+
+    __tablename__ = "verdict_faces"
+    __table_args__ = (UniqueConstraint("item_id", "model_version", "face_index", name="uq_verdict_faces_item_model_face"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(String(128))
+    face_index: Mapped[int] = mapped_column(Integer)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    detector_score: Mapped[float] = mapped_column(Float)
+    fake_probability: Mapped[float] = mapped_column(Float)
+
+
 class ApiKey(Base):
     """An API key: a name, its scopes and the SHA-256 of the key (the key itself is shown once, never stored)."""
 

@@ -35,7 +35,17 @@ from sqlalchemy import Select, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import telemetry
-from dfmod.db import DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, insert_ignore, new_id, session_scope, utcnow
+from dfmod.db import (
+    DEFAULT_TENANT_ID,
+    Item,
+    ItemStatus,
+    Verdict,
+    VerdictFace,
+    insert_ignore,
+    new_id,
+    session_scope,
+    utcnow,
+)
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 
@@ -351,6 +361,8 @@ class VerdictData:
     batch_size: int | None = None
     device: str | None = None
     reused_from: str | None = None
+    # Face stage: one dict per face (face_index, x0, y0, x1, y1, detector_score, fake_probability).
+    faces: list[dict] | None = None
 
 
 @dataclass
@@ -379,6 +391,14 @@ def persist_results(session: Session, results: list[ItemResult]) -> None:
         if r.verdict is not None
     ]
     insert_ignore(session, Verdict, verdict_rows, ["item_id", "model_version"])
+    face_rows = [
+        {"item_id": r.item_id, "model_version": r.verdict.model_version, **face}
+        for r in results
+        if r.verdict is not None and r.verdict.faces
+        for face in r.verdict.faces
+    ]
+    if face_rows:
+        insert_ignore(session, VerdictFace, face_rows, ["item_id", "model_version", "face_index"])
     items = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_([r.item_id for r in results])))}
     for result in results:
         item = items.get(result.item_id)

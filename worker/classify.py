@@ -349,12 +349,23 @@ class BatchClassifier:
                 batch_size=outcome.batch_size,
                 device=outcome.device or (self.predictor.device if outcome.reused_from is None else None),
                 reused_from=outcome.reused_from,
+                faces=self._face_rows(outcome),
             )
         return ItemResult(
             item_id=outcome.item.id, sha256=outcome.sha256, size=outcome.size, verdict=verdict,
             failure=outcome.failure if verdict is None else None,
             retry=outcome.transient if verdict is None and outcome.failure is None else None,
         )
+
+    @staticmethod
+    def _face_rows(outcome: Outcome) -> list[dict] | None:
+        if not outcome.faces or outcome.face_probabilities is None:
+            return None
+        return [
+            {"face_index": index, "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
+             "detector_score": face.score, "fake_probability": probability}
+            for index, (face, probability) in enumerate(zip(outcome.faces, outcome.face_probabilities))
+        ]
 
     def _threshold(self, outcome: Outcome) -> float:
         tenant = self._tenants.get(outcome.item.tenant_id)

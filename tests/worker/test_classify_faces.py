@@ -13,7 +13,7 @@ import random
 import pytest
 from sqlalchemy import select
 
-from dfmod.db import ItemStatus, Verdict, session_scope
+from dfmod.db import ItemStatus, Verdict, VerdictFace, session_scope
 from dfmod.detector import Predictor
 from dfmod.settings import Settings
 from dfmod.storage import S3Storage
@@ -69,3 +69,17 @@ def test_faces_of_a_batch_are_classified_together_and_a_faceless_photo_is_no_fac
         assert verdict.label in ("real", "fake") and 0.0 <= verdict.fake_probability <= 1.0
         assert verdict.model_version == "test-random-0001+faces"
         assert verdict.batch_size == 2  # the two photos' faces went through the model in one pass
+    # Every face is stored with its box, detector score and own probability; the verdict is the most-fake face.
+    with session_scope(face_classifier.session_factory) as session:
+        faces = session.scalars(select(VerdictFace).order_by(VerdictFace.item_id, VerdictFace.face_index)).all()
+        assert {face.item_id for face in faces} == {ids["photo-0.jpg"], ids["photo-1.jpg"]}
+        for face in faces:
+            assert face.x1 > face.x0 and face.y1 > face.y0 and face.detector_score >= 0.9
+            assert face.model_version == "test-random-0001+faces"
+        for key in ("photo-0.jpg", "photo-1.jpg"):
+            mine = [face.fake_probability for face in faces if face.item_id == ids[key]]
+            assert verdicts[ids[key]].fake_probability == pytest.approx(max(mine))
+        # A redelivered batch writes no second set of faces.
+    face_classifier.run(list(ids.values()))
+    with session_scope(face_classifier.session_factory) as session:
+        assert len(session.scalars(select(VerdictFace)).all()) == len(faces)
