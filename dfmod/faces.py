@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image
 
 NO_FACE = "no_face"
