@@ -347,6 +347,17 @@ def tenants_disable(name: str = typer.Argument(..., help="The tenant's name or i
     _tenant_command(action)
 
 
+@tenants_app.command("reencrypt")
+def tenants_reencrypt() -> None:
+    """Re-encrypt every tenant's callback secret with the first DFMOD_SECRET_KEY (after adding a new key first)."""
+    from dfmod import tenants
+
+    def action(session, settings):
+        typer.echo(f"re-encrypted {tenants.reencrypt_secrets(session, tenants.secret_box(settings))} secret(s)")
+
+    _tenant_command(action)
+
+
 @tenants_app.command("secret-key")
 def tenants_secret_key() -> None:
     """Print a new random DFMOD_SECRET_KEY (the key that encrypts tenants' callback secrets)."""
