@@ -266,6 +266,16 @@ def test_tenant_admin_api_and_a_disabled_tenant(world):
     assert rotated.status_code == 200 and rotated.json()["callback_secret"] != body["callback_secret"]
     assert rotated.json()["previous_secret_until"] is not None
     assert client.get("/v1/tenants/nope", headers=admin).status_code == 404
+    # Keys for the new tenant over HTTP: an ingest key records into it; a review key is limited to it.
+    ingest_c = client.post("/v1/keys", json={"name": "c-ingest", "scopes": ["ingest"], "tenants": ["platform-c"]},
+                           headers=admin)
+    assert ingest_c.status_code == 201 and ingest_c.json()["tenant"] == "platform-c"
+    assert ingest_c.json()["tenants"] == ["platform-c"]
+    two = client.post("/v1/keys", json={"name": "c-two", "scopes": ["ingest"], "tenants": ["platform-c", "default"]},
+                      headers=admin)
+    assert two.status_code == 409 and two.json()["error"] == "key_conflict"
+    unknown = client.post("/v1/keys", json={"name": "c-x", "scopes": ["review"], "tenants": ["nope"]}, headers=admin)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "tenant_not_found"
 
     # Disabling A: its keys and events token answer 401; its items stay visible to the global reviewer.
     assert client.post(f"/v1/tenants/{made['a'].tenant.name}/disable", headers=admin).status_code == 200
