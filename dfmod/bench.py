@@ -365,7 +365,7 @@ def run_bench(
             ]
 
         progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
@@ -387,7 +387,7 @@ def run_bench(
 
         progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
         unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
             unbatched_runs = drain_runs("unbatched", unbatched_images)

@@ -38,6 +38,21 @@ def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level_option() -> typer.models.OptionInfo:
+    """The one ``--log-level`` option every long-running command takes (the same spelling everywhere)."""
+    return typer.Option("info", "--log-level", help=f"One of {', '.join(LOG_LEVELS)} (any case).")
+
+
+def _checked_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    return level
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
@@ -66,10 +81,13 @@ def api(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
-    log_level: str = typer.Option("info"),
+    log_level: str = _log_level_option(),
 ) -> None:
     """Run the HTTP API (uvicorn). Does not load the model and does not migrate."""
     import uvicorn
+
+    log_level = _checked_level(log_level)
+    _logging(log_level.upper())
 
     if workers > 1:
         uvicorn.run("api.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
@@ -81,18 +99,19 @@ def api(
 
 @app.command()
 def worker(
-    loglevel: str = typer.Option("INFO", help="Celery log level."),
+    log_level: str = _log_level_option(),
     hostname: Optional[str] = typer.Option(None, help="Celery node name (default: celery@HOST)."),
 ) -> None:
     """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
     from dfmod.detector import ModelNotAvailable
 
+    level = _checked_level(log_level).upper()
     settings = _settings()
-    _logging(loglevel)
+    _logging(level)
     from worker.app import run_worker
 
     try:
-        run_worker(settings, loglevel=loglevel, hostname=hostname)
+        run_worker(settings, log_level=level, hostname=hostname)
     except ModelNotAvailable as exc:
         _fail(str(exc))
 

@@ -116,7 +116,7 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
     return thread
 
 
-def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> None:
+def run_worker(settings: Settings, log_level: str = "INFO", hostname: str | None = None) -> None:
     runtime = build_runtime(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
@@ -126,7 +126,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None 
     start_sweeper(runtime, stop)
     argv = [
         "worker",
-        f"--loglevel={loglevel}",
+        f"--loglevel={log_level}",  # Celery's own spelling; ours is --log-level
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
         f"--queues={settings.queue},{settings.events_queue}",

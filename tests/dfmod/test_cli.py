@@ -78,3 +78,16 @@ def test_migrate_command_brings_a_fresh_database_to_head(tmp_path):
     from dfmod.migrate import head_revision
 
     assert f"database at revision {head_revision()}" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_long_running_commands_spell_the_log_level_option_one_way(command):
+    from typer.testing import CliRunner
+
+    from dfmod.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+    assert "--log-level" in help_text and "--loglevel" not in help_text
+    refused = runner.invoke(app, [command, "--log-level", "chatty"])
+    assert refused.exit_code != 0 and "--log-level" in refused.output
