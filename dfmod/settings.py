@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    heartbeat_dir: Path | None = Field(
+        None,
+        description="Where a worker keeps its liveness heartbeat (checked by `dfmod worker-alive`); "
+        "default: DATA_DIR/heartbeat.",
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often the worker's consuming loop refreshes its heartbeat."
+    )
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
     events_queue: str = Field(
         "dfmod-events",
@@ -182,6 +190,10 @@ class Settings(BaseSettings):
     @property
     def broker_is_embedded(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_heartbeat_dir(self) -> Path:
+        return (self.heartbeat_dir or self.data_dir / "heartbeat").resolve()
 
     @property
     def broker_folder(self) -> Path:

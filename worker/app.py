@@ -6,8 +6,11 @@ worker starts consuming: a missing checkpoint stops the worker at start, not at 
 
 Batching is :mod:`worker.batching`: messages are buffered until ``batch_size`` of them arrived or
 ``batch_wait_ms`` passed, then the whole buffer is handed to one task call. Prefetch is bounded to one
-batch (see :mod:`dfmod.queue`), messages are acknowledged after the batch is persisted, and a worker
-killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
+batch per batch slot, ``batch_size x concurrency`` (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
+worker killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
+
+Liveness (:mod:`worker.liveness`): the consumer's event loop refreshes a heartbeat file and each batch marks
+itself in flight; ``dfmod worker-alive`` (the chart's livenessProbe) checks both.
 
 Callback deliveries and heatmaps are ordinary (unbatched) tasks on ``events_queue``, which every worker
 consumes alongside the classify queue.
@@ -27,6 +30,7 @@ from dfmod.lifecycle import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
+from worker import liveness
 from worker.batching import BatchingTask
 from worker.classify import BatchClassifier
 from worker.heatmap import HeatmapMaker
@@ -80,7 +84,8 @@ def register_classify_task(app: Celery, settings: Settings, classifier: BatchCla
             else:
                 logger.error("dropping malformed classify message: args=%r", args)
         if item_ids:
-            classifier.run(item_ids)
+            with liveness.batch_in_progress():
+                classifier.run(item_ids)
 
 
 def register_event_tasks(app: Celery, settings: Settings, classifier: BatchClassifier) -> None:
@@ -122,6 +127,8 @@ def run_worker(settings: Settings, log_level: str = "INFO", hostname: str | None
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port)
+    liveness.install(settings.resolved_heartbeat_dir)
+    runtime.celery.steps["consumer"].add(liveness.loop_heartbeat_step(settings.heartbeat_interval_s))
     stop = threading.Event()
     start_sweeper(runtime, stop)
     argv = [
