@@ -22,12 +22,21 @@ from sqlalchemy.orm import selectinload
 from api.auth import ReviewKey, access, link_or_key, not_found, require, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, after_commit
 from api.schemas import (
-    ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
+    ClaimIn,
+    ClaimOut,
+    ItemDetail,
+    ItemPage,
+    ItemSummary,
+    ReleaseIn,
+    RetractIn,
+    ReviewIn,
+    ReviewOut,
+    VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus, Tenant
-from dfmod.errors import Conflict, DfmodError, NotFound, Unavailable
+from dfmod.errors import Conflict, DfmodError, Unavailable
 from dfmod.imaging import decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
 from dfmod.storage import ObjectNotFound, heatmap_key
@@ -185,7 +194,7 @@ def item_heatmap(
     if now - requested.get((item_id, version), -_HEATMAP_REQUEST_EVERY_S) >= _HEATMAP_REQUEST_EVERY_S:
         try:
             send_events(celery, settings, HEATMAP_TASK, [[item_id, version]])
-        except Exception as exc:  # noqa: BLE001 - any broker fault: tell the reviewer, not a 500
+        except Exception as exc:  # any broker fault: tell the reviewer, not a 500
             raise Unavailable("cannot queue the heatmap now", code="broker_unavailable") from exc
         requested[(item_id, version)] = now
     return JSONResponse(

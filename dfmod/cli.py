@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -100,7 +99,7 @@ def api(
 @app.command()
 def worker(
     log_level: str = _log_level_option(),
-    hostname: Optional[str] = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+    hostname: str | None = typer.Option(None, help="Celery node name (default: celery@HOST)."),
 ) -> None:
     """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
     from dfmod.detector import ModelNotAvailable
@@ -216,7 +215,7 @@ def keys_list(all_keys: bool = typer.Option(False, "--all", help="Include revoke
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
 
 
 @keys_app.command("revoke")
@@ -280,10 +279,10 @@ def _echo_secrets(made) -> None:
 @tenants_app.command("create")
 def tenants_create(
     name: str = typer.Option(..., "--name", help="The platform's name (a-z 0-9 . _ -)."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
     bucket: list[str] = typer.Option([], "--bucket", help="A bucket of its own (repeat); a bucket has one tenant."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold (default: the model's)."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold (default: the model's)."),
+    review_band: float | None = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
 ) -> None:
     """Create a tenant; prints its events token and callback secret, shown this once."""
     from dfmod import tenants
@@ -318,11 +317,11 @@ def tenants_list() -> None:
 @tenants_app.command("update")
 def tenants_update(
     name: str = typer.Argument(..., help="The tenant's name or id."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
     add_bucket: list[str] = typer.Option([], "--add-bucket", help="Give it a bucket (repeat)."),
     remove_bucket: list[str] = typer.Option([], "--remove-bucket", help="Take a bucket away (repeat)."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold."),
+    review_band: float | None = typer.Option(None, help="Its review band."),
     enable: bool = typer.Option(False, "--enable", help="Enable a disabled tenant."),
     rotate_callback_secret: bool = typer.Option(
         False, "--rotate-callback-secret", help="New callback secret (printed once); the old one signs too during --overlap."
@@ -378,7 +377,7 @@ def tenants_secret_key() -> None:
 def up(
     host: str = typer.Option("127.0.0.1", help="Interface for the API."),
     port: int = typer.Option(8000, help="Port for the API."),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded database, broker and objects live."),
+    data_dir: Path | None = typer.Option(None, help="Where the embedded database, broker and objects live."),
 ) -> None:
     """Run API and worker together on embedded defaults: SQLite, a local folder, a filesystem broker.
 

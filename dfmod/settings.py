@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):
@@ -177,7 +176,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_urls(self) -> "Settings":
+    def _check_urls(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("postgresql", "sqlite")):
             raise ValueError("DFMOD_DATABASE_URL must be postgresql+psycopg://... or sqlite:///...")
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
@@ -263,7 +262,7 @@ class Settings(BaseSettings):
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
 
-    def for_api(self) -> "Settings":
+    def for_api(self) -> Settings:
         """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
         return self.model_copy(
             update={

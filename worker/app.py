@@ -117,7 +117,7 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
         while not stop.wait(settings.sweep_interval_s * random.uniform(0.8, 1.2)):
             try:
                 sweep_stuck_items(runtime.classifier.session_factory, runtime.celery, settings)
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+            except Exception:  # a failed sweep is retried next interval
                 logger.warning("stuck-item sweep failed", exc_info=True)
 
     thread = threading.Thread(target=loop, name="dfmod-sweep", daemon=True)
