@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
+    decode_budget_pixels: int = Field(
+        64_000_000, ge=1,
+        description="Pixels a worker (or the API, for thumbnails) decodes at once, summed over its threads: "
+        "bounds decode memory at about 15 bytes per pixel (a 50-megapixel PNG is decoded alone).",
+    )
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
     events_queue: str = Field(

@@ -124,6 +124,9 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    from dfmod.imaging import share_allocator_arenas
+
+    share_allocator_arenas()
     runtime = build_runtime(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
