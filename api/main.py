@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api import admin_routes, ingest_routes, review_routes
+from api.body_limit import BodyLimitMiddleware, route_limits
 from api.errors import install_error_handlers
 
 from dfmod import telemetry
@@ -84,6 +85,9 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry.HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
         telemetry.HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
         return response
+
+    # Outermost: bodies over a route's limit are refused before any other middleware, auth or parsing.
+    app.add_middleware(BodyLimitMiddleware, limits=route_limits(settings.max_upload_bytes))
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:

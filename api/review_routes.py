@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 import time
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from PIL import Image
 from sqlalchemy import select
@@ -23,7 +23,8 @@ from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.ingest_routes import _storage_error
 from api.schemas import (
-    ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
+    ClaimIn, ClaimOut, ItemDetail, ItemId, ItemPage, ItemSummary, QueryTime, ReleaseIn, RetractIn, ReviewIn, ReviewOut,
+    StorableText, VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
@@ -108,13 +109,13 @@ def list_items(
     status_: Literal["queued", "processing", "classified", "failed"] | None = Query(None, alias="status"),
     min_score: float | None = Query(None, ge=0.0, le=1.0, description="Fake probability at least this."),
     max_score: float | None = Query(None, ge=0.0, le=1.0, description="Fake probability at most this."),
-    model_version: str | None = Query(None, max_length=128),
-    source: str | None = Query(None, max_length=255),
+    model_version: Annotated[StorableText, Query(max_length=128)] | None = None,
+    source: Annotated[StorableText, Query(max_length=255)] | None = None,
     reviewed: bool | None = Query(None, description="true: has a current decision; false: has none."),
     decision: Literal["confirmed_fake", "overturned_real", "escalated"] | None = Query(None),
     in_review: bool | None = Query(None, description="true: flagged or within the review band."),
-    since: datetime | None = Query(None, description="Created at or after (ISO 8601; UTC if no zone)."),
-    until: datetime | None = Query(None, description="Created before (ISO 8601; UTC if no zone)."),
+    since: QueryTime | None = Query(None, description="Created at or after (ISO 8601; UTC if no zone)."),
+    until: QueryTime | None = Query(None, description="Created before (ISO 8601; UTC if no zone)."),
     order: Literal["newest", "oldest", "score_desc", "score_asc"] = Query("newest"),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=1000, description="next_cursor of the previous page."),
@@ -134,7 +135,7 @@ def list_items(
 
 
 @router.get("/items/{item_id}", response_model=ItemDetail, summary="An item with every verdict, review and image link")
-def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
+def get_item(item_id: ItemId, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
     return _detail(request, key, _load_item(session, item_id), settings.image_link_ttl_s)
 
 
@@ -143,7 +144,7 @@ def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep
     responses={200: {"content": {"image/*": {}}}, 403: {}, 404: {}, 422: {}},
 )
 def item_image(
-    item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    item_id: ItemId, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     variant: Literal["thumb", "full"] = Query("full"),
 ) -> Response:
     link_or_key(request, session, item_id, variant)
@@ -172,7 +173,7 @@ def item_image(
     responses={200: {"content": {"image/png": {}}}, 202: {}, 403: {}, 404: {}, 409: {}},
 )
 def item_heatmap(
-    item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    item_id: ItemId, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     celery: CeleryDep, model_version: str | None = Query(None, max_length=128),
 ) -> Response:
     link_or_key(request, session, item_id, "heatmap")
@@ -209,7 +210,7 @@ def item_heatmap(
     summary="Record a decision (append-only; the latest one is the item's current decision)",
 )
 def add_review(
-    item_id: str, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: ItemId, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     idempotency_key: str | None = Header(None, max_length=64),
 ):
     try:
@@ -229,7 +230,7 @@ def add_review(
     responses={404: {}, 409: {}}, summary="Undo the item's current decision (appends a retraction)",
 )
 def retract_review(
-    item_id: str, review_id: int, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: ItemId, review_id: Annotated[int, Path(ge=1, le=2**31 - 1)], key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     body: RetractIn | None = None,
 ) -> ReviewOut:
     try:
@@ -263,7 +264,7 @@ def release(body: ReleaseIn, key: ReviewKey, session: SessionDep) -> dict:
 @router.get("/stats", summary="Counts by label, status, decision and day; agreement; backlogs")
 def stats(
     key: ReviewKey, session: SessionDep, settings: SettingsDep,
-    since: datetime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
-    until: datetime | None = Query(None, description="Items created before."),
+    since: QueryTime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
+    until: QueryTime | None = Query(None, description="Items created before."),
 ) -> dict:
     return reviews.stats(session, settings.review_band, _utc(since), _utc(until))
