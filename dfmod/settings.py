@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         "bounds decode memory at about 15 bytes per pixel (a 50-megapixel PNG is decoded alone).",
     )
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    metrics_addr: str = Field(
+        "0.0.0.0", description="Interface of the worker's metrics port; `dfmod up` uses 127.0.0.1 and a free port."
+    )
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
     events_queue: str = Field(
         "dfmod-events",

@@ -123,7 +123,9 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
     return thread
 
 
-def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> None:
+def run_worker(
+    settings: Settings, loglevel: str = "INFO", hostname: str | None = None, queues: list[str] | None = None
+) -> None:
     from dfmod.imaging import share_allocator_arenas
 
     share_allocator_arenas()
@@ -131,7 +133,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None 
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
     stop = threading.Event()
     start_sweeper(runtime, stop)
     argv = [
@@ -139,7 +141,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None 
         f"--loglevel={loglevel}",
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
-        f"--queues={settings.queue},{settings.events_queue}",
+        f"--queues={','.join(queues or [settings.queue, settings.events_queue])}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
