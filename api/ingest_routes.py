@@ -15,7 +15,7 @@ import hmac
 import mimetypes
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, File, Form, Header, Request, UploadFile, status
@@ -77,7 +77,7 @@ def upload_image(
     storage: StorageDep,
     celery: CeleryDep,
     file: UploadFile = File(..., description="The image (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
-    source: SourceLabel = Form("upload", description="Free-form origin, e.g. the platform's name."),
+    source: Annotated[SourceLabel, Form(description="Free-form origin, e.g. the platform's name.")] = "upload",
 ):
     data = file.file.read(settings.max_upload_bytes + 1)
     limits = settings.image_limits
