@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         None, description="HMAC-SHA256 key that signs every callback; required when a callback URL is set."
     )
     callback_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of a callback POST.")
+    callback_deadline_s: float = Field(
+        15.0, gt=0, description="Longest a callback attempt may take in all, however slowly the receiver answers."
+    )
     callback_max_attempts: int = Field(8, ge=1, description="Attempts per event before delivery gives up.")
     callback_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each attempt (with jitter).")
     callback_backoff_max_s: float = Field(
