@@ -100,6 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
             "broker": _check_broker(app),
             "storage": _check_storage(app),
         }
+        if settings.ready_requires_worker:
+            checks["worker"] = _check_consumers(settings)
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -132,6 +134,16 @@ def _check_broker(app: FastAPI) -> str:
     except Exception as exc:  # noqa: BLE001
         return f"error: {type(exc).__name__}: {exc}"
     return "ok"
+
+
+def _check_consumers(settings: Settings) -> str:
+    from dfmod.consumers import live_consumers
+
+    try:
+        count = live_consumers(settings, settings.queue)
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok" if count else f"error: no worker is consuming {settings.queue}"
 
 
 def _check_storage(app: FastAPI) -> str:

@@ -278,7 +278,9 @@ def up(
             _fail("a worker exited at start; see its log above")
         for supervised in workers:
             supervised.watch()
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # One machine, one stack: not ready while no worker consumes (uploads would wait for ever).
+        api_settings = settings.model_copy(update={"ready_requires_worker": True})
+        uvicorn.run(create_app(api_settings), host=host, port=port, log_level="info")
     finally:
         _stop_worker()
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest decoded image (width x height); larger ones fail as bombs."
     )
     min_image_side: int = Field(16, ge=1, description="Images with a smaller side fail as too small.")
+    ready_requires_worker: bool = Field(
+        False,
+        description="/readyz also needs a live worker on the classify queue (heartbeats in the broker). On in "
+        "`dfmod up`; off by default where workers scale to zero and uploads must still be accepted.",
+    )
 
     # --- worker ------------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")

@@ -16,12 +16,15 @@ consumes alongside the classify queue.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import threading
 from dataclasses import dataclass
 
 from celery import Celery
 
+from dfmod.consumers import start_heartbeat
 from dfmod.db import make_engine, make_session_factory
 from dfmod.items import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
@@ -136,12 +139,14 @@ def run_worker(
         start_http_server(settings.metrics_port, addr=settings.metrics_addr)
     stop = threading.Event()
     start_sweeper(runtime, stop)
+    consumed = queues or [settings.queue, settings.events_queue]
+    start_heartbeat(settings, hostname or f"{socket.gethostname()}-{os.getpid()}", consumed, stop)
     argv = [
         "worker",
         f"--loglevel={loglevel}",
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
-        f"--queues={','.join(queues or [settings.queue, settings.events_queue])}",
+        f"--queues={','.join(consumed)}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
