@@ -29,9 +29,9 @@ from api.schemas import (
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus
-from dfmod.imaging import ImageRejected, decode_image, probe_image
+from dfmod.imaging import DecodeBudget, ImageRejected, decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
-from dfmod.storage import ObjectNotFound, StorageError, heatmap_key
+from dfmod.storage import ObjectNotFound, StorageError, heatmap_key, thumbnail_key
 
 router = APIRouter(prefix="/v1")
 
@@ -151,6 +151,15 @@ def item_image(
     item = session.get(Item, item_id)
     if item is None:
         raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+    if variant == "thumb":
+        # Made once and kept next to the heatmaps: a reviewer's page never costs a full decode per view.
+        try:
+            cached = storage.get(settings.upload_bucket, thumbnail_key(item.id), settings.max_upload_bytes)
+            return Response(cached, media_type="image/jpeg", headers=_IMAGE_HEADERS)
+        except ObjectNotFound:
+            pass
+        except StorageError as exc:
+            raise _storage_error(exc) from exc
     try:
         data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     except StorageError as exc:
@@ -159,13 +168,27 @@ def item_image(
     try:
         if variant == "full":
             return Response(data, media_type=probe_image(data, limits).mime, headers=_IMAGE_HEADERS)
-        image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), budget=_decode_budget(request))
     except ImageRejected as exc:
         raise ApiError(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.reason, exc.detail) from exc
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=82)
-    return Response(buffer.getvalue(), media_type="image/jpeg", headers=_IMAGE_HEADERS)
+    thumbnail = buffer.getvalue()
+    try:
+        storage.put(settings.upload_bucket, thumbnail_key(item.id), thumbnail, content_type="image/jpeg")
+    except StorageError:
+        pass  # served anyway; the next view makes it again
+    return Response(thumbnail, media_type="image/jpeg", headers=_IMAGE_HEADERS)
+
+
+def _decode_budget(request: Request) -> DecodeBudget:
+    """One decode budget per API process, shared by its request threads."""
+    state = request.app.state
+    budget = getattr(state, "decode_budget", None)
+    if budget is None:
+        budget = state.decode_budget = DecodeBudget(state.settings.decode_budget_pixels)
+    return budget
 
 
 @router.get(

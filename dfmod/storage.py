@@ -86,6 +86,11 @@ def heatmap_key(item_id: str, model_version: str) -> str:
     return f"heatmaps/{item_id}/{safe_version}.png"
 
 
+def thumbnail_key(item_id: str) -> str:
+    """Where the review page's thumbnail of an item is cached (in the upload bucket), made once."""
+    return f"thumbnails/{item_id}.jpg"
+
+
 class Storage(Protocol):
     readable_buckets: frozenset[str]
 
