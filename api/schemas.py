@@ -52,11 +52,6 @@ QueryTime = Annotated[datetime, AfterValidator(_utc_instant)]
 """An ISO 8601 time for filters, normalised to UTC."""
 
 
-class ErrorBody(BaseModel):
-    error: str = Field(description="Machine-readable code, e.g. not_an_image, too_large, bucket_not_allowed.")
-    message: str
-
-
 class VerdictOut(BaseModel):
     label: str
     fake_probability: float
@@ -112,7 +107,14 @@ class ItemOut(BaseModel):
 class Accepted(BaseModel):
     id: str
     status: str
-    duplicate: bool = Field(False, description="True when this object was already recorded.")
+    duplicate: bool = Field(
+        False,
+        description="True when there is nothing new to classify: the same object was already recorded (the same "
+        "id comes back, 200), or identical bytes were (a new item, 202, whose verdict is copied from duplicate_of).",
+    )
+    duplicate_of: str | None = Field(
+        None, description="The earlier item with identical bytes (sha256) whose verdict this item reuses."
+    )
 
 
 class RegisterIn(BaseModel):

@@ -210,7 +210,7 @@ def _drain(
     from concurrent.futures import ThreadPoolExecutor
 
     from dfmod.db import session_scope
-    from dfmod.items import NewItem, record_items
+    from dfmod.lifecycle import NewItem, record_items
     from dfmod.queue import enqueue
 
     keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(images))]

@@ -118,7 +118,7 @@ def worker(
 def sweep() -> None:
     """Re-enqueue items stuck in queued/processing once (workers also do this periodically)."""
     from dfmod.db import make_engine, make_session_factory
-    from dfmod.items import sweep_stuck_items
+    from dfmod.lifecycle import sweep_stuck_items
     from dfmod.queue import make_celery
 
     settings = _settings()

@@ -96,13 +96,3 @@ def send_events(app: Celery, settings: Settings, task: str, calls: Iterable[list
             sent += 1
     return sent
 
-
-def queue_length(app: Celery, settings: Settings) -> int | None:
-    """Messages waiting in the classify queue (what KEDA scales on); None if the broker can't tell."""
-    try:
-        with app.connection_for_read() as connection:
-            channel = connection.default_channel
-            return channel.queue_declare(queue=settings.queue, passive=True).message_count
-    except Exception:  # noqa: BLE001 - a readiness/bench helper, never fatal
-        logger.debug("queue length unavailable", exc_info=True)
-        return None

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL: postgresql+psycopg://user:pass@host/db or sqlite:///path.db."
     )
     database_pool_size: int = Field(5, ge=1, description="Connections kept per process (Postgres).")
+    database_retry_s: float = Field(
+        60.0, ge=0, description="How long a worker keeps retrying a database step through an outage (with backoff)."
+    )
     broker_url: str | None = Field(
         None, description="Celery broker: redis://host:6379/0, or filesystem:// for the embedded broker."
     )

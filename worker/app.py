@@ -26,7 +26,7 @@ from celery import Celery
 
 from dfmod.consumers import start_heartbeat
 from dfmod.db import make_engine, make_session_factory
-from dfmod.items import sweep_stuck_items
+from dfmod.lifecycle import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
 from dfmod.detector import Predictor
-from dfmod.items import NewItem, record_items
+from dfmod.lifecycle import NewItem, record_items
 from dfmod.storage import S3Storage
 from worker.classify import BatchClassifier
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-from dfmod.items import NewItem, enqueue_items, record_items
+from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
 
 from tests.conftest import make_image_bytes
