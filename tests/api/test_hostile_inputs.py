@@ -150,6 +150,18 @@ def _counts(settings) -> Counter:
         engine.dispose()
 
 
+def _unsettled(settings) -> list[tuple]:
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return [
+                (i.id, i.key, i.status.value, i.attempts, i.enqueued_at, i.updated_at, i.sha256)
+                for i in session.scalars(select(Item).where(Item.status.in_([ItemStatus.queued, ItemStatus.processing])))
+            ]
+    finally:
+        engine.dispose()
+
+
 def _wait_until_settled(settings, timeout_s: float) -> Counter:
     deadline = time.monotonic() + timeout_s
     counts = _counts(settings)
@@ -203,7 +215,7 @@ def test_a_thousand_malformed_requests_get_no_5xx_and_leave_nothing_stuck(hostil
 
     counts = _wait_until_settled(integration_settings, timeout_s=150)
     print(f"items after the storm: {dict(counts)}")
-    assert counts["queued"] == 0 and counts["processing"] == 0, counts
+    assert counts["queued"] == 0 and counts["processing"] == 0, (counts, _unsettled(integration_settings), worker.log())
     assert worker.process.poll() is None, worker.log()
     assert api.process.poll() is None
 
