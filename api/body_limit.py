@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from starlette.exceptions import HTTPException
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DEFAULT_LIMIT = 64 * 1024
@@ -44,8 +44,9 @@ def route_limits(max_upload_bytes: int) -> list[RouteLimit]:
 
 
 class _BodyTooLarge(HTTPException):
-    """Raised from ``receive``; an HTTPException so FastAPI's body parsing passes it on to the error handler
-    (which answers ``413 too_large``) instead of turning it into a 400."""
+    """Raised from ``receive`` to stop whoever is reading the body. An HTTPException, so where it reaches the
+    error handler unwrapped it already answers ``413 too_large``; elsewhere the middleware's send rewrites
+    the response."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body exceeds this endpoint's limit of {limit} bytes")
@@ -82,28 +83,37 @@ class BodyLimitMiddleware:
             return
 
         received = 0
+        exceeded = False
         response_started = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _BodyTooLarge(limit)
             return message
 
-        async def tracked_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if exceeded:
+                # Whatever the layers in between made of our exception (FastAPI's "error parsing the
+                # body" 400, an exception group from a middleware's task group), the answer is our 413.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await _send_413(send, limit, close=True)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            # Raised where no error handler caught it (e.g. in another middleware).
-            if response_started:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            # Raised past every error handler: answer 413 if that was the cause and nothing was sent yet.
+            if not exceeded or response_started:
                 raise
             await _send_413(send, limit, close=True)
 
