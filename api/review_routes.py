@@ -81,7 +81,7 @@ def _detail(request: Request, key: ApiKey, item: Item, ttl_s: int) -> ItemDetail
             str(request.url_for("item_heatmap", item_id=item.id)), key, item.id, "heatmap", ttl_s
         )
     return ItemDetail(
-        **summary.model_dump(), bucket=item.bucket, key=item.key, ingest=item.ingest, sha256=item.sha256,
+        **summary.model_dump(), bucket=item.bucket, key=item.key, ingest=item.ingest,
         size=item.size, content_type=item.content_type, classified_at=item.classified_at,
         verdicts=[VerdictOut.of(v) for v in sorted(item.verdicts, key=lambda v: (v.created_at, v.id))],
         reviews=[ReviewOut.of(r, r.id in retracted) for r in sorted(item.reviews, key=lambda r: r.id)],

@@ -228,6 +228,7 @@ class ItemSummary(BaseModel):
     claimed_by: str | None = None
     claimed_until: datetime | None = None
     thumbnail_url: str | None = Field(None, description="Signed link to a thumbnail, valid a few minutes.")
+    sha256: str | None = Field(None, description="SHA-256 of the bytes: equal for identical uploads (the review page marks them).")
 
     @classmethod
     def of(cls, item: Item, thumbnail_url: str | None = None) -> "ItemSummary":
@@ -237,7 +238,7 @@ class ItemSummary(BaseModel):
             flagged=item.score is not None and item.threshold is not None and item.score >= item.threshold,
             model_version=item.model_version, decision=item.decision, decided_by=item.decided_by,
             decided_at=item.decided_at, claimed_by=item.claimed_by, claimed_until=item.claimed_until,
-            thumbnail_url=thumbnail_url,
+            thumbnail_url=thumbnail_url, sha256=item.sha256,
         )
 
 
@@ -250,7 +251,6 @@ class ItemDetail(ItemSummary):
     bucket: str
     key: str
     ingest: str
-    sha256: str | None = None
     size: int | None = None
     content_type: str | None = None
     classified_at: datetime | None = None

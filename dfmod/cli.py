@@ -114,6 +114,22 @@ def worker(
         _fail(str(exc))
 
 
+@app.command("worker-alive")
+def worker_alive(
+    max_age: float = typer.Option(
+        ..., "--max-age", min=0.1,
+        help="Seconds: fail when the consuming loop's heartbeat is older, or a batch has run longer. "
+        "Set it above the longest batch.",
+    ),
+) -> None:
+    """Liveness check of the worker in this container (exit 0 alive, 1 hung): the Kubernetes exec probe."""
+    from worker.liveness import check
+
+    verdict = check(_settings().resolved_heartbeat_dir, max_age)
+    typer.echo(verdict.reason, err=not verdict.alive)
+    raise typer.Exit(code=0 if verdict.alive else 1)
+
+
 @app.command()
 def sweep() -> None:
     """Re-enqueue items stuck in queued/processing once (workers also do this periodically)."""
@@ -241,9 +257,14 @@ def up(
     )
     # Classification and callback/heatmap deliveries in separate processes: a slow callback receiver can
     # never hold the worker that classifies.
+    def worker_env(name: str) -> dict[str, str]:
+        # Each worker its own metrics port and its own liveness heartbeat folder.
+        heartbeat = settings.data_dir.resolve() / "heartbeat" / name
+        return child_env | {"DFMOD_METRICS_PORT": str(free_port()), "DFMOD_HEARTBEAT_DIR": str(heartbeat)}
+
     workers = [
-        WorkerSupervisor("classify", ["--queues", settings.queue], child_env | {"DFMOD_METRICS_PORT": str(free_port())}),
-        WorkerSupervisor("events", ["--queues", settings.events_queue], child_env | {"DFMOD_METRICS_PORT": str(free_port())}),
+        WorkerSupervisor("classify", ["--queues", settings.queue], worker_env("classify")),
+        WorkerSupervisor("events", ["--queues", settings.events_queue], worker_env("events")),
     ]
     for supervised in workers:
         supervised.start()

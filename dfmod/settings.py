@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, description="botocore retry attempts (adaptive mode).")
     s3_connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
     s3_read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout in seconds.")
+    api_s3_timeout_s: float = Field(
+        3.0, gt=0,
+        description="The API's S3 connect and read timeout: an upload to a stalled store ends in a 503 after at most "
+        "about api_s3_max_attempts x this, instead of holding the client.",
+    )
+    api_s3_max_attempts: int = Field(2, ge=1, description="The API's S3 attempts per request (workers use s3_max_attempts).")
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
         "path", description="Path-style suits MinIO and most self-hosted endpoints."
     )
@@ -110,11 +116,19 @@ class Settings(BaseSettings):
     decode_budget_pixels: int = Field(
         64_000_000, ge=1,
         description="Pixels a worker (or the API, for thumbnails) decodes at once, summed over its threads: "
-        "bounds decode memory at about 15 bytes per pixel (a 50-megapixel PNG is decoded alone).",
+        "bounds decode memory at about 8 bytes per pixel (a 50-megapixel PNG is decoded alone).",
     )
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
     metrics_addr: str = Field(
         "0.0.0.0", description="Interface of the worker's metrics port; `dfmod up` uses 127.0.0.1 and a free port."
+    )
+    heartbeat_dir: Path | None = Field(
+        None,
+        description="Where a worker keeps its liveness heartbeat (checked by `dfmod worker-alive`); "
+        "default: DATA_DIR/heartbeat.",
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often the worker's consuming loop refreshes its heartbeat."
     )
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
     events_queue: str = Field(
@@ -194,6 +208,10 @@ class Settings(BaseSettings):
         return self.resolved_broker_url.startswith("filesystem://")
 
     @property
+    def resolved_heartbeat_dir(self) -> Path:
+        return (self.heartbeat_dir or self.data_dir / "heartbeat").resolve()
+
+    @property
     def broker_folder(self) -> Path:
         """Where the embedded filesystem broker keeps its messages."""
         return (self.data_dir / "broker").resolve()
@@ -224,6 +242,16 @@ class Settings(BaseSettings):
     @cached_property
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
+
+    def for_api(self) -> "Settings":
+        """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
+        return self.model_copy(
+            update={
+                "s3_connect_timeout_s": min(self.s3_connect_timeout_s, self.api_s3_timeout_s),
+                "s3_read_timeout_s": self.api_s3_timeout_s,
+                "s3_max_attempts": self.api_s3_max_attempts,
+            }
+        )
 
     @property
     def image_limits(self):

@@ -126,11 +126,13 @@ class BatchClassifier:
             return report
         try:
             outcomes = self._classify(claimed, report)
-        except BaseException as exc:
+        except Exception as exc:
             # Whatever broke the batch (a database outage longer than the retries, a bug), the items it
-            # holds go back to the queue now instead of waiting for the sweep as ``processing``.
+            # holds go back to the queue now instead of waiting for the sweep as ``processing``. If even
+            # that fails, the error goes up and the batching layer returns the messages to the broker.
+            logger.exception("batch of %d failed", len(claimed))
             self._release([item.id for item in claimed], f"{type(exc).__name__}: {exc}", report)
-            raise
+            return report
         self._report(outcomes, report, started)
         return report
 
@@ -294,13 +296,7 @@ class BatchClassifier:
             logger.warning("could not re-enqueue %d item(s); the sweep will", len(item_ids), exc_info=True)
 
     def _release(self, item_ids: list[str], reason: str, report: BatchReport) -> None:
-        try:
-            released = self._in_transaction(
-                "release", lambda session: lifecycle.release_claims(session, item_ids, reason)
-            )
-        except Exception:  # noqa: BLE001 - the database stayed down: the sweep is the last resort
-            logger.exception("batch failed and its %d item(s) could not be released", len(item_ids))
-            return
+        released = self._in_transaction("release", lambda session: lifecycle.release_claims(session, item_ids, reason))
         report.released = len(released)
         logger.warning("batch failed (%s); %d item(s) put back on the queue", reason, len(released))
         self._requeue(released)

@@ -1,5 +1,5 @@
 """Hostile input against real processes: ``dfmod api`` and ``dfmod worker`` subprocesses on Postgres, Redis and
-an S3 server. A seeded generator (tests/hostile_inputs.py) sends over a thousand malformed uploads, S3
+an S3 server. A seeded generator (tests/utils/hostile_inputs.py) sends over a thousand malformed uploads, S3
 notifications, registrations and queries; none may be answered 5xx, no accepted item may stay stuck, no
 process may crash, valid images sent afterwards are still classified, and the worker's peak RSS stays
 under the memory budget (printed)."""
@@ -22,8 +22,11 @@ from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
 
-from tests.conftest import REPO_ROOT, bearer, free_port, make_image_bytes, wait_for_port
-from tests.hostile_inputs import Case, bad_image, encode, generate, textured, worst_case_png
+from dfmod.loopback import free_port, wait_for_port
+from tests.utils.hostile_inputs import Case, bad_image, encode, generate, textured, worst_case_png
+from tests.utils.images import make_image_bytes
+from tests.utils.processes import REPO_ROOT
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 

@@ -10,27 +10,23 @@ drain after each fault. Redelivery and the stuck-item sweep are set to seconds s
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from glob import glob
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-from dfmod.items import NewItem, enqueue_items, record_items
-from dfmod.loopback import free_port, wait_for_port
+from dfmod.lifecycle import NewItem, enqueue_items, record_items
+from dfmod.loopback import free_port
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
 
-from tests.conftest import WorkerProcess, make_image_bytes
+from tests.utils.faults import PrivatePostgres, PrivateRedis, StallableS3
+from tests.utils.images import make_image_bytes
+from tests.utils.processes import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -39,103 +35,14 @@ IMAGES_PER_FAULT = 24
 DRAIN_LIMIT_S = 180
 
 
-class PrivatePostgres:
-    """A throwaway cluster (initdb + pg_ctl) on a free loopback port; restartable."""
-
-    def __init__(self) -> None:
-        initdb = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not initdb and not shutil.which("initdb"):
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-        self.bin = Path(initdb[-1]).parent if initdb else Path(shutil.which("initdb")).parent
-        self.dir = Path(tempfile.mkdtemp(prefix="dfmod-faults-pg-"))
-        self.port = free_port()
-        self.run_as: list[str] = []
-        if os.geteuid() == 0:  # the server refuses to run as root
-            shutil.chown(self.dir, "postgres")
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        self._run("initdb", "-D", str(self.dir), "-A", "trust", "-U", "postgres")
-        self.start()
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([*self.run_as, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
-
-    def _pg_ctl(self, *args: str) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.dir), "-o", options, "-l", str(self.dir / "log"), "-w", *args)
-
-    def start(self) -> None:
-        self._pg_ctl("start")
-
-    def restart(self) -> None:
-        self._pg_ctl("restart", "-m", "fast")
-
-    def stop(self) -> None:
-        try:
-            self._pg_ctl("stop", "-m", "immediate")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-
-class PrivateRedis:
-    def __init__(self) -> None:
-        if not shutil.which("redis-server"):
-            pytest.skip("redis-server is not installed")
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def restart_empty(self) -> None:
-        self.stop()
-        self.start()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-class StallableS3:
-    def __init__(self) -> None:
-        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-        if executable is None:
-            pytest.skip("moto_server is not installed")
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for_port(self.port)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stall(self, seconds: float) -> None:
-        self.process.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(seconds)
-        finally:
-            self.process.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        self.process.wait(timeout=20)
-
-
 @pytest.fixture
 def fault_stack(checkpoint_path, tmp_path):
     postgres, redis_server, s3 = PrivatePostgres(), None, None
     workers: list[WorkerProcess] = []
     try:
-        redis_server, s3 = PrivateRedis(), StallableS3()
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        redis_server, s3 = PrivateRedis(tmp_path), StallableS3()
         bucket = f"faults-{uuid.uuid4().hex[:8]}"
         import boto3
 
@@ -144,7 +51,7 @@ def fault_stack(checkpoint_path, tmp_path):
         ).create_bucket(Bucket=bucket)
         env = {
             "DFMOD_DATABASE_URL": postgres.url,
-            "DFMOD_BROKER_URL": f"redis://127.0.0.1:{redis_server.port}/0",
+            "DFMOD_BROKER_URL": redis_server.url,
             "DFMOD_STORAGE_URL": f"s3://{bucket}",
             "DFMOD_S3_ENDPOINT_URL": s3.url,
             "DFMOD_S3_ACCESS_KEY_ID": "t",
@@ -270,7 +177,7 @@ def test_every_image_in_flight_survives_each_fault(fault_stack):
 
     faults = [
         ("SIGKILL a worker mid-batch", kill_worker(signal.SIGKILL)),
-        ("restart Redis empty", redis_server.restart_empty),
+        ("restart Redis empty", redis_server.restart),
         ("restart Postgres", postgres.restart),
         ("stall the S3 server 20 s", lambda: s3.stall(20)),
         ("SIGTERM a worker", kill_worker(signal.SIGTERM)),
