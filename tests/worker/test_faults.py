@@ -188,17 +188,19 @@ def test_every_image_in_flight_survives_each_fault(fault_stack):
         ids = _seed(settings, IMAGES_PER_FAULT, f"fault{index}")
         all_ids += ids
         _wait_in_flight(settings, ids)
+        at_fault = _tally(settings, ids).get("in_flight", 0)
         injected = time.monotonic()
         inject()
         tally, _ = _drain(settings, ids)
+        tally["in_flight_at_fault"] = at_fault
         report.append((name, tally, time.monotonic() - injected))
         print(f"\n{name}: {tally} drained {time.monotonic() - injected:.1f}s after the fault")
         assert tally and tally["in_flight"] == 0, (name, tally, workers[-1].log())
     final = _tally(settings, all_ids)
-    print("\nfault                        accepted classified failed lost duplicates drain_s")
+    print("\nfault                        accepted in_flight_at_fault classified failed lost duplicates drain_s")
     for name, tally, drain_s in report:
-        print(f"{name:<28} {tally['accepted']:>8} {tally['classified']:>10} {tally['failed']:>6} {tally['lost']:>4} "
-              f"{tally['duplicates']:>10} {drain_s:>7.1f}")
+        print(f"{name:<28} {tally['accepted']:>8} {tally['in_flight_at_fault']:>18} {tally['classified']:>10} "
+              f"{tally['failed']:>6} {tally['lost']:>4} {tally['duplicates']:>10} {drain_s:>7.1f}")
     print(f"all faults: {final}")
     for name, tally, _ in report:
         assert tally["classified"] == tally["accepted"], (name, tally)
