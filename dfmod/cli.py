@@ -26,6 +26,19 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _global_options(
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", envvar="DFMOD_DATA_DIR",
+        help="Where the embedded database, broker and objects live (DFMOD_DATA_DIR); every command uses it.",
+    ),
+) -> None:
+    # Commands read Settings from the environment, so one place makes `dfmod --data-dir D keys list`
+    # find the same database as `dfmod up --data-dir D`, from any working directory.
+    if data_dir is not None:
+        os.environ["DFMOD_DATA_DIR"] = str(data_dir.resolve())
+
+
 def _settings(**overrides):
     from dfmod.settings import Settings
 
@@ -100,6 +113,10 @@ def api(
 def worker(
     log_level: str = _log_level_option(),
     hostname: str | None = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+    queues: str | None = typer.Option(
+        None, help="Comma-separated queues to consume (default: the classify and the events queue). "
+        "Run `--queues dfmod-events` as its own process so slow callback receivers never hold classification.",
+    ),
 ) -> None:
     """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
     from dfmod.detector import ModelNotAvailable
@@ -110,7 +127,7 @@ def worker(
     from worker.app import run_worker
 
     try:
-        run_worker(settings, log_level=level, hostname=hostname)
+        run_worker(settings, log_level=level, hostname=hostname, queues=queues.split(",") if queues else None)
     except ModelNotAvailable as exc:
         _fail(str(exc))
 
@@ -399,16 +416,36 @@ def up(
     migrations.upgrade(settings)
     api_key = _up_key(settings)
 
-    child_env = dict(os.environ, DFMOD_DATA_DIR=str(settings.data_dir.resolve()))
-    worker_process = subprocess.Popen([sys.executable, "-m", "dfmod", "worker"], env=child_env)
+    from dfmod.loopback import free_port
+
+    child_env = dict(
+        os.environ,
+        DFMOD_DATA_DIR=str(settings.data_dir.resolve()),
+        # Each worker's metrics on a free loopback port: a second `dfmod up` never collides with the first.
+        DFMOD_METRICS_ADDR="127.0.0.1",
+    )
+    # Classification and callback/heatmap deliveries in separate processes: a slow callback receiver can
+    # never hold the worker that classifies.
+    def worker_env(name: str) -> dict[str, str]:
+        # Each worker its own metrics port and its own liveness heartbeat folder.
+        heartbeat = settings.data_dir.resolve() / "heartbeat" / name
+        return child_env | {"DFMOD_METRICS_PORT": str(free_port()), "DFMOD_HEARTBEAT_DIR": str(heartbeat)}
+
+    workers = [
+        WorkerSupervisor("classify", ["--queues", settings.queue], worker_env("classify")),
+        WorkerSupervisor("events", ["--queues", settings.events_queue], worker_env("events")),
+    ]
+    for supervised in workers:
+        supervised.start()
 
     def _stop_worker(*_args) -> None:
-        if worker_process.poll() is None:
-            worker_process.send_signal(signal.SIGTERM)
-            try:
-                worker_process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_process.kill()
+        for supervised in workers:
+            supervised.stop()
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default handler that
+    # would kill this process before it stops its workers. Our handler turns it into a normal exit.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
 
     base = f"http://{host}:{port}"
     typer.secho(
@@ -427,11 +464,88 @@ def up(
 
     try:
         time.sleep(0.5)
-        if worker_process.poll() is not None:
-            _fail("the worker exited at start; see its log above")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        if any(supervised.process.poll() is not None for supervised in workers):
+            _fail("a worker exited at start; see its log above")
+        for supervised in workers:
+            supervised.watch()
+        # One machine, one stack: not ready while no worker consumes (uploads would wait for ever).
+        api_settings = settings.model_copy(update={"ready_requires_worker": True})
+        uvicorn.run(create_app(api_settings), host=host, port=port, log_level="info")
     finally:
         _stop_worker()
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the kernel sends the child SIGTERM when the process that started it dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    os.setpgrp()  # a Ctrl-C in the terminal reaches `dfmod up`, which stops the workers in order
+
+
+class WorkerSupervisor:
+    """One ``dfmod worker`` child of ``dfmod up``: started, restarted if it crashes, stopped with its parent."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], restart_delay_s: float = 2.0) -> None:
+        import threading
+
+        self.name = name
+        self.args = args
+        self.env = env
+        self.restart_delay_s = restart_delay_s
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            preexec = _die_with_parent if sys.platform.startswith("linux") else None
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dfmod", "worker", *self.args, "--hostname", f"{self.name}-{os.getpid()}@%h"],
+                env=self.env, preexec_fn=preexec,
+            )
+
+    def watch(self) -> None:
+        import threading
+
+        def loop() -> None:
+            while not self._stopping.wait(1.0):
+                process = self.process
+                if process is not None and process.poll() is not None and not self._stopping.is_set():
+                    self.restarts += 1
+                    logging.getLogger("dfmod.up").warning(
+                        "the %s worker exited with %s; restarting it (restart %d)", self.name, process.returncode,
+                        self.restarts,
+                    )
+                    if self._stopping.wait(self.restart_delay_s):
+                        return
+                    self.start()
+
+        threading.Thread(target=loop, name=f"dfmod-supervise-{self.name}", daemon=True).start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _up_key(settings) -> str:

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest decoded image (width x height); larger ones fail as bombs."
     )
     min_image_side: int = Field(16, ge=1, description="Images with a smaller side fail as too small.")
+    ready_requires_worker: bool = Field(
+        False,
+        description="/readyz also needs a live worker on the classify queue (heartbeats in the broker). On in "
+        "`dfmod up`; off by default where workers scale to zero and uploads must still be accepted.",
+    )
 
     # --- worker ------------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")
@@ -127,7 +132,15 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
+    decode_budget_pixels: int = Field(
+        64_000_000, ge=1,
+        description="Pixels a worker (or the API, for thumbnails) decodes at once, summed over its threads: "
+        "bounds decode memory at about 8 bytes per pixel (a 50-megapixel PNG is decoded alone).",
+    )
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    metrics_addr: str = Field(
+        "0.0.0.0", description="Interface of the worker's metrics port; `dfmod up` uses 127.0.0.1 and a free port."
+    )
     heartbeat_dir: Path | None = Field(
         None,
         description="Where a worker keeps its liveness heartbeat (checked by `dfmod worker-alive`); "
@@ -162,6 +175,9 @@ class Settings(BaseSettings):
         None, description="HMAC-SHA256 key that signs every callback; required when a callback URL is set."
     )
     callback_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of a callback POST.")
+    callback_deadline_s: float = Field(
+        15.0, gt=0, description="Longest a callback attempt may take in all, however slowly the receiver answers."
+    )
     callback_max_attempts: int = Field(8, ge=1, description="Attempts per event before delivery gives up.")
     callback_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each attempt (with jitter).")
     callback_backoff_max_s: float = Field(

@@ -76,6 +76,13 @@ def validate_key(key: str) -> str:
         raise InvalidKey("object keys must be 1 to 1024 characters")
     if "\x00" in key or "\\" in key:
         raise InvalidKey("object keys may not contain NUL or backslash")
+    try:
+        encoded_parts = key.encode("utf-8").split(b"/")
+    except UnicodeEncodeError as exc:  # lone surrogates: no store can hold such a name
+        raise InvalidKey("object keys must be valid UTF-8 text") from exc
+    if any(len(part) > 255 for part in encoded_parts):
+        # The longest file name of every common filesystem; local storage would fail on it later.
+        raise InvalidKey("each '/'-separated part of an object key must be at most 255 bytes")
     if key.startswith("/"):
         raise InvalidKey("object keys may not start with '/'")
     parts = key.split("/")
@@ -91,6 +98,11 @@ def heatmap_key(item_id: str, model_version: str) -> str:
     # Model versions are free text; keep the object key a plain, valid file name.
     safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", model_version).strip(".") or "model"
     return f"heatmaps/{item_id}/{safe_version}.png"
+
+
+def thumbnail_key(item_id: str) -> str:
+    """Where the review page's thumbnail of an item is cached (in the upload bucket), made once."""
+    return f"thumbnails/{item_id}.jpg"
 
 
 class Storage(Protocol):

@@ -37,7 +37,7 @@ from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
 from dfmod.detector import Predictor, to_pixels
-from dfmod.imaging import ImageRejected, decode_image
+from dfmod.imaging import DecodeBudget, ImageRejected, decode_image
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -105,6 +105,8 @@ class BatchClassifier:
         self.threshold = predictor.threshold
         self.model_version = predictor.model_version
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
+        # Sixteen fetch threads may all hold worst-case images at once; the budget bounds what they decode.
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
         # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
         # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
         self._inference_lock = threading.Lock()
@@ -256,7 +258,7 @@ class BatchClassifier:
             return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
+            image = decode_image(data, self.limits, target=self.predictor.meta.image_size, budget=self.decode_budget)
             array = to_pixels(image, self.predictor.meta)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None
