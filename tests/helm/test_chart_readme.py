@@ -36,7 +36,7 @@ def _documented_keys(text: str) -> dict[str, object]:
 
 
 def _table(readme: str) -> dict[str, str]:
-    rows = re.findall(r"^\| `([^`]+)` \| `(.*?)` \| .+ \|$", readme[readme.index("## Values"):], re.M)
+    rows = re.findall(r"^\| `([^`]+)` \| `(.*?)` \| .+ \|$", readme[readme.index("## Values"):], re.MULTILINE)
     return dict(rows)
 
 
