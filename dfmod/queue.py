@@ -58,7 +58,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # celery-batches needs the whole batch prefetched, and no more: a worker that hoards messages
+        # worker.batching needs the whole batch prefetched, and no more: a worker that hoards messages
         # hides them from the queue length that the autoscaler reads. Celery multiplies this by the pool's
         # concurrency: batch_size x concurrency per worker (measured in tests/worker/test_liveness.py).
         worker_prefetch_multiplier=settings.batch_size,

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, description="botocore retry attempts (adaptive mode).")
     s3_connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
     s3_read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout in seconds.")
+    api_s3_timeout_s: float = Field(
+        3.0, gt=0,
+        description="The API's S3 connect and read timeout: an upload to a stalled store ends in a 503 after at most "
+        "about api_s3_max_attempts x this, instead of holding the client.",
+    )
+    api_s3_max_attempts: int = Field(2, ge=1, description="The API's S3 attempts per request (workers use s3_max_attempts).")
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
         "path", description="Path-style suits MinIO and most self-hosted endpoints."
     )
@@ -70,7 +76,27 @@ class Settings(BaseSettings):
     # --- API ---------------------------------------------------------------------------------------
     s3_event_token: SecretStr | None = Field(
         None,
-        description="Bearer token that S3/MinIO notifications must present; unset disables /v1/events/s3.",
+        description="Events token of the default tenant (S3/MinIO notifications present it as a bearer token); "
+        "other tenants have their own (`dfmod tenants create`). With no token at all, /v1/events/s3 is off.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Fernet key(s) that encrypt tenants' callback secrets in the database, comma-separated (the "
+        "first encrypts; all decrypt, for rotating it). Make one with `dfmod tenants secret-key`. Unset: `dfmod up` "
+        "keeps a generated one in DATA_DIR/secret.key; with Postgres, tenants cannot get callback secrets.",
+    )
+    rate_limit_uploads: str | None = Field(
+        None,
+        description='Per-key limit on uploads and registrations, e.g. "120/minute" or "10/second;1000/hour" '
+        "(the `limits` notation); unset: none.",
+    )
+    rate_limit_reads: str | None = Field(
+        None, description='Per-key limit on every other keyed request, e.g. "600/minute"; unset: none.'
+    )
+    rate_limit_storage_url: str | None = Field(
+        None,
+        description="Where the counters live, shared by every API replica: redis://... (default: the broker URL when "
+        "it is Redis, else memory://, per process).",
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted image, in bytes.")
     max_image_pixels: int = Field(
@@ -159,6 +185,15 @@ class Settings(BaseSettings):
         for url in [self.callback_url, *self.callback_urls.values()]:
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ValueError(f"callback URLs must be http(s)://...; got {url!r}")
+        for name in ("rate_limit_uploads", "rate_limit_reads"):
+            value = getattr(self, name)
+            if value:
+                from limits import parse_many
+
+                try:
+                    parse_many(value)
+                except ValueError as exc:
+                    raise ValueError(f"DFMOD_{name.upper()} is not a rate limit like 120/minute: {value!r}") from exc
         if (self.callback_url or self.callback_urls) and self.callback_secret is None:
             # Unsigned callbacks would let anyone who learns the URL forge verdicts.
             raise ValueError("DFMOD_CALLBACK_SECRET is required when DFMOD_CALLBACK_URL(S) is set")
@@ -176,6 +211,13 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'dfmod.db').resolve()}"
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else "memory://"
 
     @property
     def resolved_broker_url(self) -> str:
@@ -220,6 +262,16 @@ class Settings(BaseSettings):
     @cached_property
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
+
+    def for_api(self) -> "Settings":
+        """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
+        return self.model_copy(
+            update={
+                "s3_connect_timeout_s": min(self.s3_connect_timeout_s, self.api_s3_timeout_s),
+                "s3_read_timeout_s": self.api_s3_timeout_s,
+                "s3_max_attempts": self.api_s3_max_attempts,
+            }
+        )
 
     @property
     def image_limits(self):

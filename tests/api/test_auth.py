@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.keys import revoke_key
-from tests.conftest import bearer, make_image_bytes, seed_items
+from tests.utils.records import bearer, seed_items
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 ITEM = "{item}"
@@ -26,7 +27,7 @@ ENDPOINTS = [
     ("GET", f"/v1/items/{ITEM}/image?variant=thumb", None, {"review"}),
     ("GET", f"/v1/items/{ITEM}/heatmap", None, {"review"}),
     ("POST", f"/v1/items/{ITEM}/reviews", {"decision": "escalated"}, {"review"}),
-    ("POST", f"/v1/items/{ITEM}/reviews/1/retract", {}, {"review"}),
+    ("POST", f"/v1/items/{ITEM}/reviews/1/retract", {}, {"review", "admin"}),
     ("POST", "/v1/queue/claim", {"limit": 1}, {"review"}),
     ("POST", "/v1/queue/release", {"ids": []}, {"review"}),
     ("GET", "/v1/stats", None, {"review"}),

@@ -16,7 +16,7 @@ from PIL import Image
 from api.main import create_app
 from dfmod.settings import Settings
 from tests.api.test_review_page import CHROMIUM_ARGS, _chromium
-from tests.conftest import free_port, wait_for_port
+from dfmod.loopback import free_port, wait_for_port
 
 
 class _AssetRefs(HTMLParser):

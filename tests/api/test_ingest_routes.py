@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from dfmod.settings import Settings
 
-from tests.conftest import bearer, make_image_bytes
+from tests.utils.records import bearer
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer event-secret"}
@@ -208,7 +209,7 @@ def test_health_readiness_and_metrics(client, integration_settings):
 
 
 def test_readiness_fails_when_a_dependency_is_down(integration_settings):
-    from tests.conftest import free_port
+    from dfmod.loopback import free_port
 
     broken = integration_settings.model_copy(
         update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "s3_endpoint_url": f"http://127.0.0.1:{free_port()}", "s3_max_attempts": 1}

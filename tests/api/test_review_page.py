@@ -14,7 +14,9 @@ import uvicorn
 
 from api.main import create_app
 from dfmod.db import Item, Review, make_engine, make_session_factory, session_scope
-from tests.conftest import free_port, make_image_bytes, seed_items, wait_for_port
+from dfmod.loopback import free_port, wait_for_port
+from tests.utils.images import make_image_bytes
+from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration
 CHROMIUM_ARGS = [

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+from tests.utils.processes import REPO_ROOT
 
 
 def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, checkpoint_path):

@@ -21,7 +21,8 @@ from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
 from dfmod.queue_depth import UNACKED_KEY
-from tests.conftest import REPO_ROOT, WorkerProcess, make_image_bytes
+from tests.utils.images import make_image_bytes
+from tests.utils.processes import REPO_ROOT, WorkerProcess
 from worker.liveness import BATCH_PREFIX, check
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factor
 from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
 
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 
