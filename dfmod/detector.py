@@ -17,10 +17,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -67,7 +68,7 @@ class ModelMeta:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMeta":
+    def from_json(cls, text: str) -> ModelMeta:
         raw = json.loads(text)
         if raw.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a dfmod checkpoint (format {raw.get('format')!r})")
@@ -311,7 +312,7 @@ class Predictor:
     def model_version(self) -> str:
         return self.meta.model_version
 
-    def logits(self, batch) -> "Any":
+    def logits(self, batch) -> Any:
         """Raw logits for a float tensor batch (N, 3, H, W) already normalised; returned on CPU as float32."""
         torch = self._torch
         with torch.inference_mode():
