@@ -164,7 +164,10 @@ class Item(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), default=DEFAULT_TENANT_ID)
+    # The server default keeps pre-tenant code working during a rolling upgrade (migration 0003).
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id"), default=DEFAULT_TENANT_ID, server_default=DEFAULT_TENANT_ID
+    )
     bucket: Mapped[str] = mapped_column(String(255))
     key: Mapped[str] = mapped_column(String(1024))
     # S3 version id, else the ETag, else "": one item per distinct object version, so a re-upload under the

@@ -33,15 +33,7 @@ def _schema(url: str) -> dict[str, dict[str, dict]]:
 def _pairs():
     revisions = _revisions()
     for parent, child in itertools.pairwise(revisions):
-        marks = []
-        if child == "0003":
-            marks.append(pytest.mark.xfail(
-                strict=True,
-                reason="0003 adds items.tenant_id NOT NULL and drops its server default in the same revision: "
-                "pre-tenant API pods stay ready on the migrated schema but their uploads fail. Keep the default "
-                "for one release (drop it in the next) to make it expand-only.",
-            ))
-        yield pytest.param(parent, child, id=f"{parent}->{child}", marks=marks)
+        yield pytest.param(parent, child, id=f"{parent}->{child}")
 
 
 @pytest.mark.parametrize("parent,child", list(_pairs()))
