@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod import telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
-from dfmod.detector import Predictor, to_pixels
-from dfmod.imaging import ImageRejected, decode_image
+from dfmod.detector import Predictor, load_pixels
+from dfmod.imaging import ImageRejected
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 from dfmod.storage import Storage, StorageError, StorageUnavailable
@@ -250,8 +250,7 @@ class BatchClassifier:
             return None, None, None, (exc.reason, str(exc)), None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
-            array = to_pixels(image, self.predictor.meta)
+            array = load_pixels(data, self.limits, self.predictor.meta)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None
         except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one item, not the batch
