@@ -202,20 +202,20 @@ def _throughput(predictor, batch_size: int, seconds: float) -> tuple[float, floa
 
 
 def serving_candidates(checkpoint) -> list[tuple[str, str]]:
-    """Every (backend, precision) installed for the CPU with its file on disk, accepted ones only."""
-    from dfmod.detector import CPU_RANKING, ModelNotAvailable, choose_backend, resolve_checkpoint_path
+    """Every (backend, precision) installed for the CPU with its file on disk: fp32 and accepted ones only."""
+    from dfmod.detector import CPU_RANKING, ModelNotAvailable, accepted_precisions, choose_backend, resolve_checkpoint_path
 
     path = resolve_checkpoint_path(checkpoint)
+    accepted = accepted_precisions(path)
     found = []
     for backend, precision in CPU_RANKING:
+        if precision != "fp32" and f"{backend}-{precision}" not in accepted:
+            continue
         try:
-            choice = choose_backend(path, backend, precision, "cpu")
+            choose_backend(path, backend, precision, "cpu")
         except ModelNotAvailable:
             continue
-        from dfmod.detector import accepted_precisions
-
-        if precision == "fp32" or choice.name in accepted_precisions(path):
-            found.append((backend, precision))
+        found.append((backend, precision))
     return found
 
 

@@ -83,11 +83,11 @@ def generated_faces(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_checkpoint(checkpoint_path, generated_faces, tmp_path_factory) -> Path:
-    """The random-weight checkpoint exported by `dfmod export`: fp32 and int8 ONNX with their sidecar."""
+    """The random-weight checkpoint exported by `dfmod export`: fp32 and int8 ONNX and OpenVINO IR, with the sidecar."""
     from dfmod.export import export
 
     out = tmp_path_factory.mktemp("exported")
-    export(checkpoint_path, out, formats=("onnx",), calibration_folder=generated_faces, calibration_images=32,
+    export(checkpoint_path, out, formats=("onnx", "openvino"), calibration_folder=generated_faces, calibration_images=32,
            accept_on=generated_faces, threads=1)
     return out / checkpoint_path.name
 

@@ -35,10 +35,15 @@ def test_export_writes_the_folded_model_with_its_metadata(exported_checkpoint, c
     assert pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [224, 224, 3]  # dynamic batch, NHWC
     sidecar = read_sidecar(folder / "test.int8.onnx")
-    assert sidecar["files"]["onnx-int8"] == "test.int8.onnx"
-    assert read_meta(folder / "test.onnx") == read_meta(checkpoint_path)
-    figures = sidecar["precisions"]["onnxruntime-int8"]
-    assert figures["test_images"] == 48 and set(figures) >= {"roc_auc", "label_agreement", "accepted"}
+    assert sidecar["files"]["onnx-int8"] == "test.int8.onnx" and sidecar["files"]["openvino-int8"] == "test.int8.xml"
+    assert read_meta(folder / "test.onnx") == read_meta(checkpoint_path) == read_meta(folder / "test.int8.xml")
+    for name in ("onnxruntime-int8", "openvino-int8"):
+        figures = sidecar["precisions"][name]
+        assert figures["test_images"] == 48 and set(figures) >= {"roc_auc", "label_agreement", "accepted"}
+    # The int8 graphs really are quantized: ONNX Runtime's has QDQ pairs, OpenVINO's FakeQuantize layers.
+    int8_onnx = onnx.load(str(folder / "test.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in int8_onnx.graph.node)
+    assert "FakeQuantize" in (folder / "test.int8.xml").read_text()
 
 
 def test_every_backend_computes_the_same_probabilities_from_the_same_pixels(exported_checkpoint):
