@@ -188,7 +188,7 @@ def to_pixels(image: Image.Image, meta: ModelMeta, out: np.ndarray | None = None
 
     ``out`` is an optional (H, W, 3) uint8 slot, e.g. one row of a preallocated batch, filled in place.
     """
-    resized = resize_for_model(image.convert("RGB"), meta)
+    resized = resize_for_model(image if image.mode == "RGB" else image.convert("RGB"), meta)
     if out is None:
         return np.asarray(resized, dtype=np.uint8)
     out[...] = np.asarray(resized)
@@ -279,8 +279,10 @@ class BackendChoice:
 def _auto_device(device: str) -> str:
     if device != "auto":
         return device
-    if backend_installed("torch"):
-        import torch  # only where torch is installed: it is the only backend that drives a GPU here
+    # torch is asked only where an NVIDIA driver is loaded: importing it costs a CPU worker seconds and
+    # hundreds of MB for nothing.
+    if Path("/proc/driver/nvidia/version").exists() and backend_installed("torch"):
+        import torch
 
         if torch.cuda.is_available():
             return "cuda"
@@ -413,7 +415,8 @@ class Predictor:
         self.choice = choose_backend(self.checkpoint_path, backend, precision, device)
         self.runner = load_runner(self.choice, torch_threads)
         self.device = self.choice.device
-        self.backend = self.choice.name
+        # On CUDA the precision is the autocast type the GPU supports (torch-bf16 or torch-fp16).
+        self.backend = f"{self.choice.backend}-{self.runner.precision}"
         self.threshold = self.meta.threshold if threshold is None else threshold
         logger.info(
             "loaded %s (%s, threshold %.4f) on %s with backend %s from %s: %s", self.checkpoint_path.name,

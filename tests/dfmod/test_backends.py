@@ -151,7 +151,7 @@ def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):
         import api.main, dfmod.cli, worker.app, worker.classify, worker.heatmap, dfmod.gradcam
         from dfmod.settings import Settings
         from dfmod.detector import Predictor
-        settings = Settings(data_dir=sys.argv[1], device="cpu", metrics_port=None)
+        settings = Settings(data_dir=sys.argv[1], metrics_port=None)  # device and backend: auto
         api.main.create_app(settings)
         runtime = worker.app.build_runtime(settings)
         predictor = runtime.classifier.predictor
