@@ -352,6 +352,10 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: in a worker the forward pass alternates with fetch
+        # and decode on the same cores, and spinning threads burned 2 ms of CPU per image doing nothing
+        # (measured: 3.6 vs 5.7-6.2 CPU ms per image at batch 32, same or better throughput).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.precision = precision
