@@ -6,11 +6,22 @@
 #   dfmod migrate
 #
 # Targets:
-#   cpu  (default)  torch from the CPU wheel index        docker build --target cpu  -t dfmod:0.1.0 .
-#   cuda            torch with bundled CUDA 12 libraries  docker build --target cuda -t dfmod:0.1.0-cuda .
+#   cpu  (default)  API, migrations, helm test and CPU workers  docker build --target cpu  -t dfmod:0.1.0 .
+#   cuda            GPU workers (torch with CUDA 12 libraries)  docker build --target cuda -t dfmod:0.1.0-cuda .
 # The CUDA image needs only the NVIDIA driver on the host (NVIDIA container toolkit / GPU operator).
+#
+# What each image holds is the project's dependencies plus the extras named by CPU_EXTRAS / GPU_EXTRAS.
+# torch comes only with the dependencies that ask for it: from the CPU wheel index for `cpu`, from PyPI
+# (CUDA builds) for `cuda`. Once the base install no longer needs torch (serving backends without it), the
+# `cpu` image, and so the API, carries no torch at all, with no change here.
+#
+# Layers, cheapest to rebuild last: torch (only pyproject.toml and the build args invalidate it), the other
+# dependencies (pyproject.toml), then the sources (`pip install . --no-deps`): a code change rebuilds only that.
+#
+# Pinned: the base image to a Python patch release (add `@sha256:...` through PYTHON_IMAGE to pin it by
+# digest), and torch to the range the test suite runs (TORCH_CONSTRAINTS).
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------
 # Build stages: a virtual environment in /opt/venv, copied whole into the runtime stages.
@@ -18,25 +29,42 @@ FROM ${PYTHON_IMAGE} AS venv
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
+# The torch range the project is tested with; a new torch is a deliberate change of this line.
+ARG TORCH_CONSTRAINTS="torch>=2.4,<2.15 torchvision>=0.19,<0.30"
 RUN python -m venv /opt/venv
+WORKDIR /src
+COPY docker/requirements.py pyproject.toml ./
+RUN printf '%s\n' ${TORCH_CONSTRAINTS} > /src/torch-constraints.txt
 
 FROM venv AS build-cpu
+# Extras for the CPU image, comma-separated (e.g. `openvino`); empty: the base install.
+ARG CPU_EXTRAS=""
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
-# torch first (the big, rarely changing layer); `pip install .` then finds it satisfied.
-RUN pip install --index-url "${TORCH_CPU_INDEX_URL}" "torch>=2.4" "torchvision>=0.19"
-WORKDIR /src
+RUN python requirements.py --extras "${CPU_EXTRAS}" --only torch > torch.txt \
+ && if [ -s torch.txt ]; then \
+      pip install --index-url "${TORCH_CPU_INDEX_URL}" -c torch-constraints.txt -r torch.txt; \
+    fi
+RUN python requirements.py --extras "${CPU_EXTRAS}" --exclude torch > requirements.txt \
+ && pip install -c torch-constraints.txt -r requirements.txt
 COPY . .
-RUN pip install . \
+RUN pip install . --no-deps \
  && python -c "import dfmod, pathlib, sys; sys.exit(not list(pathlib.Path(dfmod.__file__).parent.glob('models/*.safetensors')))"
 
 FROM venv AS build-cuda
-# PyPI's Linux x86_64 torch wheels are CUDA 12 builds that bring their CUDA/cuDNN libraries as wheels.
+# Extras for the CUDA image: `gpu` brings torch (PyPI's Linux x86_64 wheels are CUDA 12 builds that bring
+# their CUDA/cuDNN libraries as wheels).
+ARG GPU_EXTRAS="gpu"
 ARG TORCH_CUDA_INDEX_URL=https://pypi.org/simple
-RUN pip install --index-url "${TORCH_CUDA_INDEX_URL}" "torch>=2.4" "torchvision>=0.19"
-WORKDIR /src
+RUN python requirements.py --extras "${GPU_EXTRAS}" --only torch > torch.txt \
+ && if [ -s torch.txt ]; then \
+      pip install --index-url "${TORCH_CUDA_INDEX_URL}" -c torch-constraints.txt -r torch.txt; \
+    fi
+RUN python requirements.py --extras "${GPU_EXTRAS}" --exclude torch > requirements.txt \
+ && pip install -c torch-constraints.txt -r requirements.txt
 COPY . .
-RUN pip install . \
- && python -c "import dfmod, pathlib, sys; sys.exit(not list(pathlib.Path(dfmod.__file__).parent.glob('models/*.safetensors')))"
+RUN pip install . --no-deps \
+ && python -c "import dfmod, pathlib, sys; sys.exit(not list(pathlib.Path(dfmod.__file__).parent.glob('models/*.safetensors')))" \
+ && python -c "import torch"
 
 # ---------------------------------------------------------------------------------------------------
 # Runtime: no compilers, no pip cache, no sources; a non-root user (uid/gid 10001).

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 
 from api.auth import AdminKey, require
 from api.deps import SessionDep, SettingsDep
-from api.errors import ApiError
 from api.schemas import KeyCreated, KeyIn, KeyOut, WhoAmI
 from dfmod import keys
 from dfmod.db import ApiKey
@@ -32,11 +31,8 @@ def list_keys(
 
 @router.post("/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED, summary="Create a key (shown once)")
 def create_key(body: KeyIn, _admin: AdminKey, session: SessionDep) -> JSONResponse:
-    try:
-        created = keys.create_key(session, body.name, body.scopes)
-    except keys.KeyProblem as exc:
-        raise ApiError(status.HTTP_409_CONFLICT, "key_conflict", str(exc)) from exc
-    session.commit()
+    # The request's session commits before this answer (the one carrying the key) goes out.
+    created = keys.create_key(session, body.name, body.scopes)
     out = KeyCreated(**KeyOut.of(created.key).model_dump(), key=created.plaintext)
     # The one response that carries a key: keep it out of every cache.
     return JSONResponse(out.model_dump(mode="json"), status_code=201, headers={"Cache-Control": "no-store"})
@@ -44,11 +40,7 @@ def create_key(body: KeyIn, _admin: AdminKey, session: SessionDep) -> JSONRespon
 
 @router.post("/keys/{name_or_id}/revoke", response_model=KeyOut, summary="Revoke a key by id or name")
 def revoke_key(name_or_id: str, _admin: AdminKey, session: SessionDep) -> KeyOut:
-    try:
-        key = keys.revoke_key(session, name_or_id)
-    except keys.KeyProblem as exc:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", str(exc)) from exc
-    return KeyOut.of(key)
+    return KeyOut.of(keys.revoke_key(session, name_or_id))
 
 
 @router.get("/settings", summary="The effective settings (secrets masked)")

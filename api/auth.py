@@ -23,8 +23,8 @@ from fastapi import Depends, Request, status
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
-from api.errors import ApiError
 from dfmod.db import ApiKey
+from dfmod.errors import DfmodError
 from dfmod.keys import authenticate, hash_key
 
 logger = logging.getLogger(__name__)
@@ -45,15 +45,17 @@ def _fingerprint(plaintext: str) -> str:
 def _authenticate(request: Request, session: Session) -> ApiKey:
     plaintext = presented_key(request)
     if plaintext is None:
-        raise ApiError(
-            status.HTTP_401_UNAUTHORIZED, "unauthorized",
+        raise DfmodError(
             "this endpoint needs an API key: send Authorization: Bearer KEY (create one with `dfmod keys create`)",
-            headers=_CHALLENGE,
+            code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED, headers=_CHALLENGE,
         )
     key = authenticate(session, plaintext)
     if key is None:
         logger.warning("rejected unknown or revoked API key (fingerprint %s) on %s", _fingerprint(plaintext), request.url.path)
-        raise ApiError(status.HTTP_401_UNAUTHORIZED, "unauthorized", "unknown or revoked API key", headers=_CHALLENGE)
+        raise DfmodError(
+            "unknown or revoked API key", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED,
+            headers=_CHALLENGE,
+        )
     request.state.api_key_name = key.name
     return key
 
@@ -65,9 +67,9 @@ def require(*scopes: str) -> Callable[..., ApiKey]:
         key = _authenticate(request, session)
         if not key.scope_set.intersection(scopes):
             logger.info("key %r (scopes %s) refused on %s", key.name, key.scopes, request.url.path)
-            raise ApiError(
-                status.HTTP_403_FORBIDDEN, "forbidden",
+            raise DfmodError(
                 f"key {key.name!r} has scopes [{key.scopes}]; this endpoint needs {' or '.join(scopes)}",
+                code="forbidden", http_status=status.HTTP_403_FORBIDDEN,
             )
         return key
 
@@ -116,5 +118,7 @@ def link_or_key(request: Request, session: Session, item_id: str, variant: str) 
         and hmac.compare_digest(_link_signature(key, item_id, variant, expiry), signature)
     )
     if not valid:
-        raise ApiError(status.HTTP_403_FORBIDDEN, "invalid_link", "this image link is invalid or has expired")
+        raise DfmodError(
+            "this image link is invalid or has expired", code="invalid_link", http_status=status.HTTP_403_FORBIDDEN
+        )
     return key

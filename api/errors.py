@@ -1,35 +1,56 @@
-"""One JSON error shape for every failure: ``{"error": CODE, "message": TEXT}``."""
+"""One JSON error shape for every failure, ``{"error": CODE, "message": TEXT}``, made by one handler.
+
+Endpoints and the core raise :class:`dfmod.errors.DfmodError` (or a subclass: storage, imaging, keys,
+review); request validation, routing errors, database outages and bugs are turned into one here, so
+every answer that is not a success has the same shape, and an outage is a 503 with ``Retry-After``,
+never a bare 500.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dfmod.errors import DfmodError, database_unavailable
 
-class ApiError(Exception):
-    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.code = code
-        self.message = message
-        self.headers = headers
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+def as_dfmod_error(exc: Exception) -> DfmodError:
+    """The :class:`DfmodError` an exception answers as."""
+    if isinstance(exc, DfmodError):
+        return exc
+    if isinstance(exc, RequestValidationError):
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg')}" for error in exc.errors()
         )
-        return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
+        return DfmodError(problems, code="invalid_request", http_status=422)
+    if isinstance(exc, StarletteHTTPException):
+        return DfmodError(
+            str(exc.detail), code=_HTTP_CODES.get(exc.status_code, "http_error"), http_status=exc.status_code,
+            headers=dict(exc.headers or {}),
+        )
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        logger.warning("database unavailable: %s", exc)
+        return database_unavailable(exc)
+    return DfmodError("an unexpected error occurred; it has been logged", code="internal_error", http_status=500)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": code, "message": str(exc.detail)}, status_code=exc.status_code)
+
+async def render_error(_request: Request, exc: Exception) -> JSONResponse:
+    error = as_dfmod_error(exc)
+    return JSONResponse(
+        {"error": error.code, "message": error.message}, status_code=error.http_status, headers=error.headers or None
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every kind of failure through :func:`render_error`."""
+    for kind in (DfmodError, RequestValidationError, StarletteHTTPException, OperationalError, InterfaceError, Exception):
+        app.add_exception_handler(kind, render_error)

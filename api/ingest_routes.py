@@ -25,33 +25,25 @@ from sqlalchemy.orm import selectinload
 
 from api.auth import IngestKey, ReadKey
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
-from api.errors import ApiError
 from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
 from dfmod.db import Item
-from dfmod.imaging import ImageRejected, probe_image
-from dfmod.items import NewItem, enqueue_items, record_items
-from dfmod.storage import StorageError, StorageUnavailable, validate_key
+from dfmod.errors import DfmodError, NotFound
+from dfmod.imaging import probe_image
+from dfmod.db import session_scope
+from dfmod.lifecycle import NewItem, record_and_enqueue
+from dfmod.storage import ObjectTooLarge, StorageError, validate_key
 
 router = APIRouter(prefix="/v1")
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
-def _storage_error(exc: StorageError) -> ApiError:
-    if isinstance(exc, StorageUnavailable):
-        return ApiError(status.HTTP_503_SERVICE_UNAVAILABLE, exc.reason, str(exc))
-    code = {
-        "bucket_not_allowed": status.HTTP_403_FORBIDDEN,
-        "invalid_key": status.HTTP_400_BAD_REQUEST,
-        "object_not_found": status.HTTP_404_NOT_FOUND,
-        "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
-    }.get(exc.reason, status.HTTP_502_BAD_GATEWAY)
-    return ApiError(code, exc.reason, str(exc))
-
-
 def _accepted_response(request: Request, recorded) -> JSONResponse:
     item = recorded.item
-    body = Accepted(id=item.id, status=item.status.value, duplicate=not recorded.created)
+    body = Accepted(
+        id=item.id, status=item.status.value, duplicate=not recorded.created or recorded.duplicate_of is not None,
+        duplicate_of=recorded.duplicate_of,
+    )
     return JSONResponse(
         body.model_dump(), status_code=status.HTTP_202_ACCEPTED if recorded.created else status.HTTP_200_OK,
         headers={"Location": str(request.url_for("get_image", item_id=item.id))},
@@ -62,7 +54,7 @@ def _accepted_response(request: Request, recorded) -> JSONResponse:
     "/images",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses={400: {}, 413: {}, 415: {}, 503: {}},
+    responses={413: {}, 415: {}, 422: {}, 503: {}},
     summary="Upload an image for classification",
 )
 def upload_image(
@@ -77,23 +69,13 @@ def upload_image(
 ):
     data = file.file.read(settings.max_upload_bytes + 1)
     limits = settings.image_limits
-    try:
-        probe = probe_image(data, limits)
-    except ImageRejected as exc:
-        code = {
-            "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
-            "not_an_image": status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        }.get(exc.reason, status.HTTP_400_BAD_REQUEST)
-        raise ApiError(code, exc.reason, exc.detail) from exc
+    probe = probe_image(data, limits)
     sha256 = hashlib.sha256(data).hexdigest()
     now = datetime.now(timezone.utc)
     key = f"uploads/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{_EXTENSIONS.get(probe.format, 'bin')}"
-    try:
-        info = storage.put(settings.upload_bucket, key, data, content_type=probe.mime)
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
-    [recorded] = record_items(
-        session,
+    info = storage.put(settings.upload_bucket, key, data, content_type=probe.mime)
+    [recorded] = record_and_enqueue(
+        session, request.app.state.session_factory, celery, settings,
         [
             NewItem(
                 bucket=settings.upload_bucket, key=key, version=info.version_id or "", etag=info.etag, sha256=sha256,
@@ -101,8 +83,6 @@ def upload_image(
             )
         ],
     )
-    session.commit()  # the worker must find the item before it can find the task
-    enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
     return _accepted_response(request, recorded)
 
 
@@ -117,18 +97,12 @@ def register_image(
     request: Request, _key: IngestKey, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
     celery: CeleryDep,
 ):
-    try:
-        validate_key(body.key)
-        info = storage.head(body.bucket, body.key)
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
+    validate_key(body.key)
+    info = storage.head(body.bucket, body.key)
     if info.size > settings.max_upload_bytes:
-        raise ApiError(
-            status.HTTP_413_CONTENT_TOO_LARGE, "too_large",
-            f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}",
-        )
-    [recorded] = record_items(
-        session,
+        raise ObjectTooLarge(f"{info.size} bytes exceeds the limit of {settings.max_upload_bytes}")
+    [recorded] = record_and_enqueue(
+        session, request.app.state.session_factory, celery, settings,
         [
             NewItem(
                 bucket=body.bucket, key=body.key, version=info.version_id or info.etag or "", etag=info.etag,
@@ -137,22 +111,19 @@ def register_image(
             )
         ],
     )
-    session.commit()
-    if recorded.created:
-        enqueue_items(request.app.state.session_factory, celery, settings, [recorded.item.id])
     return _accepted_response(request, recorded)
 
 
 def _check_event_token(settings, authorization: str | None) -> None:
     if settings.s3_event_token is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "events_disabled", "set DFMOD_S3_EVENT_TOKEN to accept S3 events")
+        raise NotFound("set DFMOD_S3_EVENT_TOKEN to accept S3 events", code="events_disabled")
     token = settings.s3_event_token.get_secret_value()
     presented = (authorization or "").strip()
     # MinIO sends its auth_token verbatim, so accept both "Bearer TOKEN" and a bare "TOKEN".
     if presented.lower().startswith("bearer "):
         presented = presented[7:].strip()
     if not presented or not hmac.compare_digest(presented.encode(), token.encode()):
-        raise ApiError(status.HTTP_401_UNAUTHORIZED, "unauthorized", "missing or wrong event token")
+        raise DfmodError("missing or wrong event token", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED)
 
 
 def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordResult | None]:
@@ -203,12 +174,12 @@ async def s3_events(
     try:
         payload = await request.json()
     except ValueError as exc:
-        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "body is not JSON") from exc
+        raise DfmodError("body is not JSON", code="malformed_event") from exc
     if isinstance(payload, dict) and "Records" not in payload and payload.get("Event") == "s3:TestEvent":
         return EventsOut(accepted=0, duplicates=0, ignored=1, rejected=0, records=[EventRecordResult(status="ignored", reason="test event")])
     records = payload.get("Records") if isinstance(payload, dict) else None
     if not isinstance(records, list) or not records:
-        raise ApiError(status.HTTP_400_BAD_REQUEST, "malformed_event", "expected an S3 notification with Records[]")
+        raise DfmodError("expected an S3 notification with Records[]", code="malformed_event")
     # Database and broker calls are blocking: run them off the event loop.
     from starlette.concurrency import run_in_threadpool
 
@@ -224,11 +195,10 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
         if new is not None:
             to_record.append((index, new))
     factory = request.app.state.session_factory
-    with factory() as session:
-        recorded = record_items(session, [new for _, new in to_record])
-        session.commit()
-    fresh_ids = [r.item.id for r in recorded if r.created]
-    enqueue_items(factory, request.app.state.celery, settings, fresh_ids)
+    with session_scope(factory) as session:
+        recorded = record_and_enqueue(
+            session, factory, request.app.state.celery, settings, [new for _, new in to_record]
+        )
     for (index, new), rec in zip(to_record, recorded):
         results[index] = EventRecordResult(
             bucket=new.bucket, key=new.key, id=rec.item.id, status="accepted" if rec.created else "duplicate"
@@ -250,5 +220,5 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
 def get_image(item_id: str, _key: ReadKey, session: SessionDep) -> ItemOut:
     item = session.scalars(select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts))).first()
     if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+        raise NotFound(f"no item {item_id}")
     return ItemOut.of(item)

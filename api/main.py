@@ -3,7 +3,9 @@
 Run it with ``dfmod api`` (uvicorn) or ``uvicorn --factory api.main:app_from_env``. Start-up never runs
 migrations: ``/readyz`` reports an unmigrated database instead, and ops run ``dfmod migrate``.
 
-Also serves the review page (``/review``): static HTML, JS and CSS over the JSON API, no build step.
+Also serves the review page (``/review``): static HTML, JS and CSS over the JSON API, no build step; and the
+interactive API docs (``/docs``, ``/redoc``) with Swagger UI's and ReDoc's assets from the ``fastapi-offline``
+package, so they work where no CDN can be reached.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from api import admin_routes, ingest_routes, review_routes
@@ -24,11 +27,14 @@ from api.errors import install_error_handlers
 from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
+from dfmod.queue_depth import QueueDepthCollector
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 
 
-REVIEW_PAGE = Path(__file__).resolve().parent / "static" / "review"
+STATIC = Path(__file__).resolve().parent / "static"
+REVIEW_PAGE = STATIC / "review"
+FAVICON = STATIC / "favicon.ico"
 
 
 @asynccontextmanager
@@ -36,26 +42,38 @@ async def _lifespan(app: FastAPI):
     yield
     # Close pooled database connections with the app, rather than whenever the garbage collector gets to them.
     app.state.engine.dispose()
+    app.state.queue_depth.close()
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their scripts from a CDN (blank offline); these come from the package.
+    app = FastAPIOffline(
         title="dfmod",
         version="0.1.0",
         description="Deepfake-image moderation: ingest images, classify them in batched workers, query verdicts.",
         lifespan=_lifespan,
+        favicon_url="/favicon.ico",
+        static_url="/docs/static",
     )
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     app.state.session_factory = make_session_factory(app.state.engine)
-    app.state.storage = make_storage(settings)
+    app.state.storage = make_storage(settings.for_api())
     app.state.celery = make_celery(settings)
     app.state.heatmaps_requested = {}
+    # Per app, not the global registry: the queue depth is read from this app's broker at scrape time.
+    app.state.broker_metrics = CollectorRegistry(auto_describe=False)
+    app.state.queue_depth = QueueDepthCollector(settings)
+    app.state.broker_metrics.register(app.state.queue_depth)
     install_error_handlers(app)
     app.include_router(ingest_routes.router)
     app.include_router(review_routes.router)
     app.include_router(admin_routes.router)
     app.mount("/review/static", StaticFiles(directory=REVIEW_PAGE), name="review-static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/review", include_in_schema=False)
     def review_page() -> FileResponse:
@@ -101,23 +119,24 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest() + generate_latest(app.state.broker_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 def _check_database(app: FastAPI) -> str:
-    from dfmod.migrate import head_revision
+    from dfmod.migrate import SchemaState, head_revision, schema_state
 
     try:
         with app.state.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} (did you run `dfmod migrate`?)"
-    head = head_revision()
-    if current != head:
-        return f"error: schema at {current}, code expects {head}: run `dfmod migrate`"
+    # Only a schema *behind* the code makes a pod unready: a newer release's migrations are backward
+    # compatible (expand/contract), so old pods keep serving through a rolling upgrade or a rollback.
+    if schema_state(current) is SchemaState.behind:
+        return f"error: schema at {current}, code expects {head_revision()}: run `dfmod migrate`"
     return "ok"
 
 

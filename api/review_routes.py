@@ -1,8 +1,8 @@
 """Reviewer endpoints: item queries, item detail with images and heatmaps, decisions, the claimable review
 queue and statistics. All need a key with the ``review`` scope (images also accept a signed link).
 
-The database work lives in :mod:`dfmod.review`; this module validates input, maps errors to the JSON
-error shape and, after a decision commits, enqueues its callback event.
+The database work lives in :mod:`dfmod.review`; this module validates input and, once a decision has
+committed, enqueues its callback event. Errors raised below are rendered by :mod:`api.errors`.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from api.auth import ReviewKey, link_or_key, signed_link
-from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
-from api.errors import ApiError
-from api.ingest_routes import _storage_error
+from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, after_commit
 from api.schemas import (
     ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus
-from dfmod.imaging import ImageRejected, decode_image, probe_image
+from dfmod.errors import Conflict, DfmodError, NotFound, Unavailable
+from dfmod.imaging import decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
-from dfmod.storage import ObjectNotFound, StorageError, heatmap_key
+from dfmod.storage import ObjectNotFound, heatmap_key
 
 router = APIRouter(prefix="/v1")
 
@@ -43,14 +42,6 @@ _IMAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; sandbox",
     "Cache-Control": "private, max-age=300",
 }
-
-
-def _review_error(exc: reviews.ReviewProblem) -> ApiError:
-    if isinstance(exc, reviews.NotFound):
-        return ApiError(status.HTTP_404_NOT_FOUND, exc.code, exc.message)
-    if isinstance(exc, reviews.Conflict):
-        return ApiError(status.HTTP_409_CONFLICT, exc.code, exc.message)
-    return ApiError(status.HTTP_400_BAD_REQUEST, exc.code, exc.message)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -75,7 +66,7 @@ def _load_item(session, item_id: str) -> Item:
         select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts), selectinload(Item.reviews))
     ).first()
     if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+        raise NotFound(f"no item {item_id}")
     return item
 
 
@@ -89,7 +80,7 @@ def _detail(request: Request, key: ApiKey, item: Item, ttl_s: int) -> ItemDetail
             str(request.url_for("item_heatmap", item_id=item.id)), key, item.id, "heatmap", ttl_s
         )
     return ItemDetail(
-        **summary.model_dump(), bucket=item.bucket, key=item.key, ingest=item.ingest, sha256=item.sha256,
+        **summary.model_dump(), bucket=item.bucket, key=item.key, ingest=item.ingest,
         size=item.size, content_type=item.content_type, classified_at=item.classified_at,
         verdicts=[VerdictOut.of(v) for v in sorted(item.verdicts, key=lambda v: (v.created_at, v.id))],
         reviews=[ReviewOut.of(r, r.id in retracted) for r in sorted(item.reviews, key=lambda r: r.id)],
@@ -120,15 +111,12 @@ def list_items(
     cursor: str | None = Query(None, max_length=1000, description="next_cursor of the previous page."),
 ) -> ItemPage:
     if min_score is not None and max_score is not None and min_score > max_score:
-        raise ApiError(status.HTTP_400_BAD_REQUEST, "invalid_request", "min_score is above max_score")
+        raise DfmodError("min_score is above max_score", code="invalid_request", http_status=422)
     filters = reviews.ItemFilters(
         label=label, status=status_, min_score=min_score, max_score=max_score, model_version=model_version,
         source=source, reviewed=reviewed, decision=decision, since=_utc(since), until=_utc(until), in_review=in_review,
     )
-    try:
-        items, next_cursor = reviews.list_items(session, filters, order, limit, cursor, band=settings.review_band)
-    except reviews.ReviewProblem as exc:
-        raise _review_error(exc) from exc
+    items, next_cursor = reviews.list_items(session, filters, order, limit, cursor, band=settings.review_band)
     ttl = settings.image_link_ttl_s
     return ItemPage(items=[_summary(request, key, item, ttl) for item in items], next_cursor=next_cursor)
 
@@ -149,18 +137,12 @@ def item_image(
     link_or_key(request, session, item_id, variant)
     item = session.get(Item, item_id)
     if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
-    try:
-        data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
+        raise NotFound(f"no item {item_id}")
+    data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     limits = settings.image_limits
-    try:
-        if variant == "full":
-            return Response(data, media_type=probe_image(data, limits).mime, headers=_IMAGE_HEADERS)
-        image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    except ImageRejected as exc:
-        raise ApiError(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.reason, exc.detail) from exc
+    if variant == "full":
+        return Response(data, media_type=probe_image(data, limits).mime, headers=_IMAGE_HEADERS)
+    image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=82)
@@ -178,24 +160,22 @@ def item_heatmap(
     link_or_key(request, session, item_id, "heatmap")
     item = session.get(Item, item_id)
     if item is None:
-        raise ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"no item {item_id}")
+        raise NotFound(f"no item {item_id}")
     version = model_version or item.model_version
     if version is None:
-        raise ApiError(status.HTTP_409_CONFLICT, "not_classified", f"item {item_id} has no verdict yet")
+        raise Conflict(f"item {item_id} has no verdict yet", code="not_classified")
     try:
         png = storage.get(settings.upload_bucket, heatmap_key(item_id, version), settings.max_upload_bytes)
         return Response(png, media_type="image/png", headers=_IMAGE_HEADERS)
     except ObjectNotFound:
         pass
-    except StorageError as exc:
-        raise _storage_error(exc) from exc
     requested: dict = request.app.state.heatmaps_requested
     now = time.monotonic()
     if now - requested.get((item_id, version), -_HEATMAP_REQUEST_EVERY_S) >= _HEATMAP_REQUEST_EVERY_S:
         try:
             send_events(celery, settings, HEATMAP_TASK, [[item_id, version]])
-        except Exception as exc:  # noqa: BLE001 - tell the reviewer, not a 500
-            raise ApiError(status.HTTP_503_SERVICE_UNAVAILABLE, "broker_unavailable", "cannot queue the heatmap now") from exc
+        except Exception as exc:  # noqa: BLE001 - any broker fault: tell the reviewer, not a 500
+            raise Unavailable("cannot queue the heatmap now", code="broker_unavailable") from exc
         requested[(item_id, version)] = now
     return JSONResponse(
         {"status": "pending", "model_version": version, "message": "the heatmap is being made; ask again shortly"},
@@ -212,14 +192,10 @@ def add_review(
     item_id: str, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     idempotency_key: str | None = Header(None, max_length=64),
 ):
-    try:
-        review, created = reviews.record_review(session, item_id, key, body.decision, body.note, idempotency_key)
-    except reviews.ReviewProblem as exc:
-        raise _review_error(exc) from exc
-    source = review.item.source
-    session.commit()  # the callback task must find the review
-    if created and settings.callback_url_for(source):
-        enqueue_events(celery, settings, [(EVENT_REVIEW, item_id, str(review.id))])
+    review, created = reviews.record_review(session, item_id, key, body.decision, body.note, idempotency_key)
+    if created and settings.callback_url_for(review.item.source):
+        # The delivery task must find the review: send it once the request's transaction has committed.
+        after_commit(session, lambda: enqueue_events(celery, settings, [(EVENT_REVIEW, item_id, str(review.id))]))
     out = ReviewOut.of(review)
     return JSONResponse(out.model_dump(mode="json"), status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -232,14 +208,11 @@ def retract_review(
     item_id: str, review_id: int, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     body: RetractIn | None = None,
 ) -> ReviewOut:
-    try:
-        retraction = reviews.retract_review(session, item_id, review_id, key, body.note if body else None)
-    except reviews.ReviewProblem as exc:
-        raise _review_error(exc) from exc
-    source = retraction.item.source
-    session.commit()
-    if settings.callback_url_for(source):
-        enqueue_events(celery, settings, [(EVENT_RETRACTION, item_id, str(retraction.id))])
+    retraction = reviews.retract_review(session, item_id, review_id, key, body.note if body else None)
+    if settings.callback_url_for(retraction.item.source):
+        after_commit(
+            session, lambda: enqueue_events(celery, settings, [(EVENT_RETRACTION, item_id, str(retraction.id))])
+        )
     return ReviewOut.of(retraction)
 
 
@@ -247,7 +220,6 @@ def retract_review(
 def claim(request: Request, body: ClaimIn, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ClaimOut:
     limit = min(body.limit, settings.claim_max)
     items = reviews.claim_items(session, key, limit, settings.claim_lease_s, settings.review_band)
-    session.commit()
     ttl = settings.image_link_ttl_s
     return ClaimOut(
         items=[_summary(request, key, item, ttl) for item in items], lease_s=settings.claim_lease_s,

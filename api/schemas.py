@@ -10,11 +10,6 @@ from pydantic import BaseModel, Field
 from dfmod.db import ApiKey, Item, Review, Verdict
 
 
-class ErrorBody(BaseModel):
-    error: str = Field(description="Machine-readable code, e.g. not_an_image, too_large, bucket_not_allowed.")
-    message: str
-
-
 class VerdictOut(BaseModel):
     label: str
     fake_probability: float
@@ -70,7 +65,14 @@ class ItemOut(BaseModel):
 class Accepted(BaseModel):
     id: str
     status: str
-    duplicate: bool = Field(False, description="True when this object was already recorded.")
+    duplicate: bool = Field(
+        False,
+        description="True when there is nothing new to classify: the same object was already recorded (the same "
+        "id comes back, 200), or identical bytes were (a new item, 202, whose verdict is copied from duplicate_of).",
+    )
+    duplicate_of: str | None = Field(
+        None, description="The earlier item with identical bytes (sha256) whose verdict this item reuses."
+    )
 
 
 class RegisterIn(BaseModel):
@@ -136,6 +138,7 @@ class ItemSummary(BaseModel):
     claimed_by: str | None = None
     claimed_until: datetime | None = None
     thumbnail_url: str | None = Field(None, description="Signed link to a thumbnail, valid a few minutes.")
+    sha256: str | None = Field(None, description="SHA-256 of the bytes: equal for identical uploads (the review page marks them).")
 
     @classmethod
     def of(cls, item: Item, thumbnail_url: str | None = None) -> "ItemSummary":
@@ -145,7 +148,7 @@ class ItemSummary(BaseModel):
             flagged=item.score is not None and item.threshold is not None and item.score >= item.threshold,
             model_version=item.model_version, decision=item.decision, decided_by=item.decided_by,
             decided_at=item.decided_at, claimed_by=item.claimed_by, claimed_until=item.claimed_until,
-            thumbnail_url=thumbnail_url,
+            thumbnail_url=thumbnail_url, sha256=item.sha256,
         )
 
 
@@ -158,7 +161,6 @@ class ItemDetail(ItemSummary):
     bucket: str
     key: str
     ingest: str
-    sha256: str | None = None
     size: int | None = None
     content_type: str | None = None
     classified_at: datetime | None = None

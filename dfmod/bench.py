@@ -266,7 +266,7 @@ def _drain(
     from concurrent.futures import ThreadPoolExecutor
 
     from dfmod.db import session_scope
-    from dfmod.items import NewItem, record_items
+    from dfmod.lifecycle import NewItem, record_items
     from dfmod.queue import enqueue
 
     keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(images))]
@@ -518,7 +518,7 @@ def run_worker_only(images: int, images_from: Optional[Path], profile: Optional[
     from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory, session_scope
     from dfmod.detector import Predictor
-    from dfmod.items import NewItem, record_items
+    from dfmod.lifecycle import NewItem, record_items
     from dfmod.settings import Settings
     from dfmod.storage import make_storage
     from worker.classify import BatchClassifier

@@ -97,11 +97,27 @@ def worker(
         _fail(str(exc))
 
 
+@app.command("worker-alive")
+def worker_alive(
+    max_age: float = typer.Option(
+        ..., "--max-age", min=0.1,
+        help="Seconds: fail when the consuming loop's heartbeat is older, or a batch has run longer. "
+        "Set it above the longest batch.",
+    ),
+) -> None:
+    """Liveness check of the worker in this container (exit 0 alive, 1 hung): the Kubernetes exec probe."""
+    from worker.liveness import check
+
+    verdict = check(_settings().resolved_heartbeat_dir, max_age)
+    typer.echo(verdict.reason, err=not verdict.alive)
+    raise typer.Exit(code=0 if verdict.alive else 1)
+
+
 @app.command()
 def sweep() -> None:
     """Re-enqueue items stuck in queued/processing once (workers also do this periodically)."""
     from dfmod.db import make_engine, make_session_factory
-    from dfmod.items import sweep_stuck_items
+    from dfmod.lifecycle import sweep_stuck_items
     from dfmod.queue import make_celery
 
     settings = _settings()

@@ -9,10 +9,12 @@ message delivered twice yields one row.
 from __future__ import annotations
 
 import enum
+import logging
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -33,8 +35,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Stable constraint names, so Alembic revisions can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -294,3 +300,34 @@ def insert_ignore(session: Session, model, values: list[dict], index_elements: l
     # Rows as executemany parameters, not .values(rows): the statement then compiles once and stays in
     # SQLAlchemy's cache, and "insertmanyvalues" still sends the rows as one multi-row INSERT.
     session.execute(insert(model).on_conflict_do_nothing(index_elements=index_elements), values)
+
+
+#: Errors that mean "the database is not reachable right now", not "this statement is wrong".
+TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+
+def retry_database(operation: Callable[[], T], within_s: float, what: str = "database step") -> T:
+    """Run ``operation`` (one whole transaction), retrying through a database outage with backoff.
+
+    A restart or failover of Postgres breaks the pooled connections; the retry runs on fresh ones
+    (``pool_pre_ping``). Gives up, re-raising the last error, once ``within_s`` seconds have passed.
+    """
+    from dfmod import telemetry
+
+    deadline = time.monotonic() + within_s
+    delay = 0.25
+    attempt = 1
+    while True:
+        try:
+            return operation()
+        except TRANSIENT_DATABASE_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "%s: database unavailable (attempt %d, %s); retrying in %.2fs",
+                what, attempt, type(exc).__name__, delay,
+            )
+            telemetry.TRANSIENT_ERRORS.labels(kind="database").inc()
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
+            attempt += 1

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dfmod.errors import DfmodError
+
 # Formats people upload; anything else (PDF, PSD, ICO, ...) is rejected before a decoder is chosen,
 # which keeps the attack surface to the decoders we expect.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files
@@ -26,13 +28,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class ImageRejected(ValueError):
-    """The bytes are not an image dfmod will classify; ``reason`` is a short machine-friendly code."""
+class ImageRejected(DfmodError, ValueError):
+    """The bytes are not an image dfmod will classify; ``reason`` is a short machine-friendly code.
+
+    The API answers 413 for ``too_large``, 415 for ``not_an_image`` and 422 for every other reason (the
+    request was well formed, its image cannot be used), wherever the image was read.
+    """
+
+    _STATUS = {"too_large": 413, "not_an_image": 415}
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(detail, code=reason, http_status=self._STATUS.get(reason, 422))
         self.reason = reason
         self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 @dataclass(frozen=True)

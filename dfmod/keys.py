@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dfmod.db import ApiKey, utcnow
+from dfmod.errors import DfmodError
 
 SCOPES = ("ingest", "review", "admin")
 KEY_PREFIX = "dfmod_"
@@ -25,8 +26,18 @@ _PREFIX_LENGTH = len(KEY_PREFIX) + 6
 _TOUCH_EVERY = timedelta(minutes=1)
 
 
-class KeyProblem(ValueError):
-    """A key operation that cannot be done (unknown scope, duplicate name, no such key)."""
+class KeyProblem(DfmodError, ValueError):
+    """A key operation that cannot be done (unknown scope, duplicate name)."""
+
+    code = "key_conflict"
+    http_status = 409
+
+
+class KeyNotFound(KeyProblem):
+    """No key has that id or name."""
+
+    code = "not_found"
+    http_status = 404
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ def revoke_key(session: Session, name_or_id: str) -> ApiKey:
             select(ApiKey).where(ApiKey.name == name_or_id).order_by(ApiKey.revoked_at.desc()).limit(1)
         )
     if key is None:
-        raise KeyProblem(f"no key with id or name {name_or_id!r}")
+        raise KeyNotFound(f"no key with id or name {name_or_id!r}")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     return key

@@ -58,8 +58,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # celery-batches needs the whole batch prefetched, and no more: a worker that hoards messages
-        # hides them from the queue length that the autoscaler reads.
+        # worker.batching needs the whole batch prefetched, and no more: a worker that hoards messages
+        # hides them from the queue length that the autoscaler reads. Celery multiplies this by the pool's
+        # concurrency: batch_size x concurrency per worker (measured in tests/worker/test_liveness.py).
         worker_prefetch_multiplier=settings.batch_size,
         worker_hijack_root_logger=False,
         broker_transport_options=transport_options,
@@ -96,13 +97,3 @@ def send_events(app: Celery, settings: Settings, task: str, calls: Iterable[list
             sent += 1
     return sent
 
-
-def queue_length(app: Celery, settings: Settings) -> int | None:
-    """Messages waiting in the classify queue (what KEDA scales on); None if the broker can't tell."""
-    try:
-        with app.connection_for_read() as connection:
-            channel = connection.default_channel
-            return channel.queue_declare(queue=settings.queue, passive=True).message_count
-    except Exception:  # noqa: BLE001 - a readiness/bench helper, never fatal
-        logger.debug("queue length unavailable", exc_info=True)
-        return None

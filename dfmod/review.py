@@ -20,27 +20,29 @@ from sqlalchemy import and_, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from dfmod.db import ApiKey, Item, ItemStatus, Review, utcnow
+from dfmod.errors import DfmodError
+from dfmod.lifecycle import skip_locked
 
 DECISIONS = ("confirmed_fake", "overturned_real", "escalated")
 RETRACTED = "retracted"
 ORDERS = ("newest", "oldest", "score_desc", "score_asc")
 
 
-class ReviewProblem(ValueError):
-    """A request the review layer refuses; ``code`` is the API error code."""
+class ReviewProblem(DfmodError, ValueError):
+    """A request the review layer refuses (400); ``code`` is the API error code."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    http_status = 400
+
+    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(message, code=code, http_status=http_status)
 
 
 class NotFound(ReviewProblem):
-    pass
+    http_status = 404
 
 
 class Conflict(ReviewProblem):
-    pass
+    http_status = 409
 
 
 # --- listing ---------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def list_items(
     ties on score are broken by id. Ordering by score lists classified items only.
     """
     if order not in ORDERS:
-        raise ReviewProblem("invalid_request", f"order must be one of {', '.join(ORDERS)}")
+        raise ReviewProblem("invalid_request", f"order must be one of {', '.join(ORDERS)}", http_status=422)
     column = _sort_column(order)
     descending = order in ("newest", "score_desc")
     query = select(Item).where(*_where(filters, band))
@@ -182,8 +184,7 @@ def claim_items(
         or_(Item.claimed_until.is_(None), Item.claimed_until <= now, Item.claimed_key_id == key.id),
     )
     pick = select(Item.id).where(claimable).order_by(Item.score.desc(), Item.id).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
+    pick = skip_locked(pick, session)
     claimed_ids = session.scalars(
         update(Item)
         .where(Item.id.in_(pick))

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL: postgresql+psycopg://user:pass@host/db or sqlite:///path.db."
     )
     database_pool_size: int = Field(5, ge=1, description="Connections kept per process (Postgres).")
+    database_retry_s: float = Field(
+        60.0, ge=0, description="How long a worker keeps retrying a database step through an outage (with backoff)."
+    )
     broker_url: str | None = Field(
         None, description="Celery broker: redis://host:6379/0, or filesystem:// for the embedded broker."
     )
@@ -60,6 +63,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, description="botocore retry attempts (adaptive mode).")
     s3_connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
     s3_read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout in seconds.")
+    api_s3_timeout_s: float = Field(
+        3.0, gt=0,
+        description="The API's S3 connect and read timeout: an upload to a stalled store ends in a 503 after at most "
+        "about api_s3_max_attempts x this, instead of holding the client.",
+    )
+    api_s3_max_attempts: int = Field(2, ge=1, description="The API's S3 attempts per request (workers use s3_max_attempts).")
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
         "path", description="Path-style suits MinIO and most self-hosted endpoints."
     )
@@ -115,6 +124,14 @@ class Settings(BaseSettings):
     sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    heartbeat_dir: Path | None = Field(
+        None,
+        description="Where a worker keeps its liveness heartbeat (checked by `dfmod worker-alive`); "
+        "default: DATA_DIR/heartbeat.",
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often the worker's consuming loop refreshes its heartbeat."
+    )
     reuse_verdicts: bool = Field(True, description="Reuse the verdict of identical bytes (same sha256 and model).")
     events_queue: str = Field(
         "dfmod-events",
@@ -190,6 +207,10 @@ class Settings(BaseSettings):
         return self.resolved_broker_url.startswith("filesystem://")
 
     @property
+    def resolved_heartbeat_dir(self) -> Path:
+        return (self.heartbeat_dir or self.data_dir / "heartbeat").resolve()
+
+    @property
     def broker_folder(self) -> Path:
         """Where the embedded filesystem broker keeps its messages."""
         return (self.data_dir / "broker").resolve()
@@ -220,6 +241,16 @@ class Settings(BaseSettings):
     @cached_property
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
+
+    def for_api(self) -> "Settings":
+        """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
+        return self.model_copy(
+            update={
+                "s3_connect_timeout_s": min(self.s3_connect_timeout_s, self.api_s3_timeout_s),
+                "s3_read_timeout_s": self.api_s3_timeout_s,
+                "s3_max_attempts": self.api_s3_max_attempts,
+            }
+        )
 
     @property
     def image_limits(self):

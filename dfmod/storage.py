@@ -17,33 +17,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from dfmod.errors import DfmodError
 from dfmod.settings import Settings
 
 
-class StorageError(Exception):
-    reason = "storage_error"
+class StorageError(DfmodError):
+    """A storage failure; ``code`` (also ``reason``, the failed item's reason in the worker) says which."""
+
+    code = "storage_error"
+    http_status = 502
+
+    @property
+    def reason(self) -> str:
+        return self.code
 
 
 class BucketNotAllowed(StorageError):
-    reason = "bucket_not_allowed"
+    code = "bucket_not_allowed"
+    http_status = 403
 
 
 class InvalidKey(StorageError):
-    reason = "invalid_key"
+    code = "invalid_key"
+    http_status = 400
 
 
 class ObjectNotFound(StorageError):
-    reason = "object_not_found"
+    code = "object_not_found"
+    http_status = 404
 
 
 class ObjectTooLarge(StorageError):
-    reason = "too_large"
+    code = "too_large"
+    http_status = 413
 
 
 class StorageUnavailable(StorageError):
-    """A transient fault (network, throttling, 5xx): retry later."""
+    """A transient fault (network, throttling, 5xx, a stalled endpoint): retry later."""
 
-    reason = "storage_unavailable"
+    code = "storage_unavailable"
+    http_status = 503
 
 
 @dataclass(frozen=True)

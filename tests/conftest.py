@@ -7,43 +7,19 @@ port. Each test session gets its own Postgres database and Redis DB number, so r
 
 from __future__ import annotations
 
-import io
 import os
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from dfmod.loopback import free_port, moto_server, wait_for_port  # noqa: F401 - tests import them from here
+from dfmod.loopback import free_port, moto_server
+from tests.utils.processes import REPO_ROOT, WorkerProcess
+from tests.utils.receivers import CallbackReceiver
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get("DFMOD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST_URL = os.environ.get("DFMOD_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_TEST_DB = int(os.environ.get("DFMOD_TEST_REDIS_DB", "11"))
-
-
-# --- images ----------------------------------------------------------------------------------------
-
-
-def make_image_bytes(fmt: str = "JPEG", size=(64, 64), color=(200, 40, 40), mode: str = "RGB", **save) -> bytes:
-    image = Image.new(mode, size, color if mode != "L" else 128)
-    # Some texture, so JPEG encoders and the model see more than a flat field.
-    for x in range(0, size[0], 8):
-        for y in range(0, size[1], 8):
-            if (x // 8 + y // 8) % 2 and mode in ("RGB", "RGBA"):
-                image.putpixel((x, y), (0, 0, 0) if mode == "RGB" else (0, 0, 0, 255))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def image_bytes():
-    return make_image_bytes
 
 
 # --- model -----------------------------------------------------------------------------------------
@@ -66,7 +42,7 @@ def checkpoint_path(tmp_path_factory) -> Path:
 def generated_faces(tmp_path_factory) -> Path:
     """A small labelled folder (Real/ smooth textures, Fake/ sharper ones) made here, never a data set."""
     import numpy as np
-    from PIL import ImageFilter
+    from PIL import Image, ImageFilter
 
     root = tmp_path_factory.mktemp("generated")
     rng = np.random.default_rng(7)
@@ -211,42 +187,6 @@ def integration_settings(integration_env, monkeypatch):
     return Settings()
 
 
-class WorkerProcess:
-    """A real ``dfmod worker`` subprocess with its own environment; killable with any signal."""
-
-    def __init__(self, env: dict, log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "WorkerProcess":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited at start:\n{self.log()}")
-            if b" ready." in self.log_path.read_bytes():
-                return self
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self, sig: int = 15, timeout: float = 30) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture
 def worker_factory(integration_env, tmp_path):
     started: list[WorkerProcess] = []
@@ -282,89 +222,7 @@ def make_api_key(integration_settings):
     engine.dispose()
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def seed_items(settings, specs: list[dict]) -> list[str]:
-    """Insert items as the worker leaves them, without running the model; returns their ids in order.
-
-    Each spec may set ``score`` (None: not classified), ``threshold`` (0.5), ``model_version`` ("m1"),
-    ``source``, ``status``, ``created_at``, ``key`` and ``bucket``; a scored item gets a matching verdict row.
-    """
-    from datetime import datetime, timedelta, timezone
-
-    from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope
-
-    engine = make_engine(settings.resolved_database_url, pool_size=1)
-    base = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-    ids = []
-    with session_scope(make_session_factory(engine)) as session:
-        for index, spec in enumerate(specs):
-            score = spec.get("score")
-            threshold = spec.get("threshold", 0.5)
-            version = spec.get("model_version", "m1")
-            created = spec.get("created_at", base + timedelta(minutes=index))
-            status = spec.get("status", "classified" if score is not None else "queued")
-            item = Item(
-                id=spec.get("id", new_id()), bucket=spec.get("bucket", settings.upload_bucket),
-                key=spec.get("key", f"seed/{uuid.uuid4().hex}.jpg"), version="", source=spec.get("source", "upload"),
-                ingest="upload", status=ItemStatus(status), attempts=1, created_at=created, updated_at=created,
-                score=score, threshold=threshold if score is not None else None,
-                label=None if score is None else ("fake" if score >= threshold else "real"),
-                model_version=version if score is not None else None,
-                classified_at=created if score is not None else None,
-            )
-            session.add(item)
-            if score is not None:
-                session.add(
-                    Verdict(
-                        item=item, label=item.label, fake_probability=score, threshold=threshold,
-                        model_version=version, created_at=created,
-                    )
-                )
-            ids.append(item.id)
-    engine.dispose()
-    return ids
-
-
 # --- a real HTTP receiver for verdict callbacks ------------------------------------------------------
-
-
-class CallbackReceiver:
-    """An ``http.server`` on a free loopback port that records every request and fails the first ``fail_first``."""
-
-    def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.fail_first = fail_first
-        self.fail_status = fail_status
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.requests.append((dict(self.headers), body))
-                    failing = len(receiver.requests) <= receiver.fail_first
-                self.send_response(receiver.fail_status if failing else 200)
-                self.end_headers()
-                self.wfile.write(b"try later" if failing else b"ok")
-
-            def log_message(self, *_args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

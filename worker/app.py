@@ -4,10 +4,13 @@
 (the solo and threads pools never fork, so CUDA is initialised after any fork could happen), before the
 worker starts consuming: a missing checkpoint stops the worker at start, not at its first batch.
 
-Batching is celery-batches: messages are buffered until ``batch_size`` of them arrived or
+Batching is :mod:`worker.batching`: messages are buffered until ``batch_size`` of them arrived or
 ``batch_wait_ms`` passed, then the whole buffer is handed to one task call. Prefetch is bounded to one
-batch (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
+batch per batch slot, ``batch_size x concurrency`` (see :mod:`dfmod.queue`), tasks are acknowledged after the batch is persisted (``acks_late``), and a
 worker killed mid-batch leaves its messages unacknowledged for Redis to redeliver.
+
+Liveness (:mod:`worker.liveness`): the consumer's event loop refreshes a heartbeat file and each batch marks
+itself in flight; ``dfmod worker-alive`` (the chart's livenessProbe) checks both.
 
 Callback deliveries and heatmaps are ordinary (unbatched) tasks on ``events_queue``, which every worker
 consumes alongside the classify queue.
@@ -23,11 +26,12 @@ from dataclasses import dataclass
 from celery import Celery
 
 from dfmod.db import make_engine, make_session_factory
-from dfmod.items import sweep_stuck_items
+from dfmod.lifecycle import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
-from worker.batching import PipelinedBatches
+from worker import liveness
+from worker.batching import BatchingTask
 from worker.classify import BatchClassifier
 from worker.heatmap import HeatmapMaker
 
@@ -67,31 +71,25 @@ def register_classify_task(app: Celery, settings: Settings, classifier: BatchCla
     # batch_wait_ms=0 or batch_size=1 means "no batching": every message is its own forward pass.
     flush_every = settings.batch_size if settings.batch_wait_ms > 0 else 1
 
-    wait_s = max(settings.batch_wait_ms, 1) / 1000.0
-
     @app.task(
         name=CLASSIFY_TASK,
-        base=PipelinedBatches,
-        bind=True,
+        base=BatchingTask,
         flush_every=flush_every,
-        flush_interval=wait_s / 4,
-        max_wait=wait_s,
+        max_wait=max(settings.batch_wait_ms, 1) / 1000.0,
         slots=settings.worker_concurrency if settings.worker_pool == "threads" else 1,
         acks_late=True,
         ignore_result=True,
     )
-    def classify(task, requests) -> None:
-        try:
-            item_ids = []
-            for request in requests:
-                if len(request.args) == 1 and isinstance(request.args[0], str):
-                    item_ids.append(request.args[0])
-                else:
-                    logger.error("dropping malformed classify message %s: args=%r", request.id, request.args)
-            if item_ids:
+    def classify(batch: list[tuple]) -> None:
+        item_ids = []
+        for args in batch:
+            if len(args) == 1 and isinstance(args[0], str):
+                item_ids.append(args[0])
+            else:
+                logger.error("dropping malformed classify message: args=%r", args)
+        if item_ids:
+            with liveness.batch_in_progress():
                 classifier.run(item_ids)
-        finally:
-            task.batch_done()
 
 
 def register_event_tasks(app: Celery, settings: Settings, classifier: BatchClassifier) -> None:
@@ -133,6 +131,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None 
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port)
+    liveness.install(settings.resolved_heartbeat_dir)
+    runtime.celery.steps["consumer"].add(liveness.loop_heartbeat_step(settings.heartbeat_interval_s))
     stop = threading.Event()
     start_sweeper(runtime, stop)
     argv = [

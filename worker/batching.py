@@ -1,56 +1,180 @@
-"""celery-batches with a flush rule fit for a pipelined worker.
+"""dfmod's own batching layer for Celery: many classify messages, one call of the batch function.
 
-celery-batches flushes whatever is buffered each time its timer fires. With two batches in flight (the
-threads pool), the consumer refills the buffer while a batch runs, and a timer tick in the middle of the
-refill ships a batch of nine: the model then runs at a fraction of its batched speed. This subclass keeps
-celery-batches' buffering, acknowledgement and ETA handling, and changes only when a partial buffer goes:
+It replaces celery-batches, whose flush timer is armed once and lost for good when Celery clears the
+worker's timer hub on a broker reconnect (after that, partial batches waited for the sweep), and whose
+flush rule could only be changed through its private methods. The guarantees are the same:
 
-* a full buffer (``flush_every``) goes at once, as before;
-* a partial one goes once it has waited ``max_wait`` *and* a pool slot is free, so under load batches fill
-  up, and with a trickle of traffic an item waits no longer than ``max_wait`` for an idle worker.
+* **flush on size**: a buffer of ``flush_every`` messages goes at once;
+* **flush on time**: a partial buffer goes once it has waited ``max_wait`` *and* a pool slot is free, so
+  under load batches fill up and with a trickle of traffic a message waits about ``max_wait``;
+* **acks after persist**: messages are acknowledged after the batch function returned (its results are in
+  the database); if it raises, they are rejected back to the queue;
+* **bounded prefetch**: the worker's prefetch count (``worker_prefetch_multiplier``, set to the batch size
+  in :mod:`dfmod.queue`) bounds the buffer; countdown (ETA) messages do not take a slot while they wait.
+
+Celery builds a task's strategy each time its consumer (re)starts, after a reconnect included; this one
+re-arms its timer there, on the new timer, and keeps the messages it buffered: they are still classified
+(the database, not the message, says what is done), and their acknowledgement, which cannot reach the
+old channel, is best effort (Redis redelivers unacknowledged messages, and a redelivered finished item is
+a no-op).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from time import monotonic
-from typing import Any
+from typing import Any, Callable
 
-from celery_batches import Batches
+from celery import Task
+
+logger = logging.getLogger(__name__)
 
 
-class PipelinedBatches(Batches):
+@dataclass
+class Buffered:
+    """One received message: its arguments and how to settle it."""
+
+    args: tuple
+    ack: Callable[[], Any]
+    requeue: Callable[[], Any]
+
+
+class BatchingTask(Task):
+    """Base of a task whose body receives a *list* of message argument tuples, one call per batch.
+
+    Set on the task: ``flush_every`` (batch size), ``max_wait`` (seconds) and ``slots`` (batches that may
+    run at once: the pool's concurrency).
+    """
+
     abstract = True
-    #: Longest a partial batch waits for company, in seconds (the timer ticks four times as often).
+    flush_every: int = 32
     max_wait: float = 0.05
-    #: Batches that may run at once (the pool's concurrency).
     slots: int = 1
 
     def __init__(self) -> None:
-        super().__init__()
+        self._lock = threading.RLock()
+        self._buffer: list[Buffered] = []
         self._waiting_since: float | None = None
         self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self._pool = None
+        self._timer_entry = None
+        #: Times the strategy was (re)built, i.e. the consumer (re)started; for logs and tests.
+        self.starts = 0
 
-    def _do_flush(self) -> None:
-        buffered = self._buffer.qsize()
-        if buffered and buffered < self.flush_every:
+    # --- the consumer side ---------------------------------------------------------------------------
+
+    def Strategy(self, task: "BatchingTask", app, consumer) -> Callable:  # noqa: N802 - Celery's hook name
+        """Celery's hook, called at every consumer (re)start: re-arm the flush timer on the live timer."""
+        timer = consumer.timer
+        connection_errors = consumer.connection_errors
+        with self._lock:
+            self._pool = consumer.pool
+            if self._timer_entry is not None:
+                try:
+                    self._timer_entry.cancel()
+                except Exception:  # noqa: BLE001 - the old timer may be gone with its hub
+                    logger.debug("could not cancel the previous flush timer", exc_info=True)
+            # Ticks four times per max_wait; each tick checks the buffer (cheap when it is empty).
+            self._timer_entry = timer.call_repeatedly(max(self.max_wait / 4, 0.005), self._tick)
+            self.starts += 1
+            buffered = len(self._buffer)
+        if self.starts > 1:
+            logger.info("batching: consumer restarted (%d), flush timer re-armed; %d buffered", self.starts, buffered)
+
+        def task_message_handler(message, body, ack, reject, callbacks, **_kw) -> None:
+            payload = body if body is not None else message.payload
+            args = payload[0] if isinstance(payload, (list, tuple)) and payload else None
+            entry = Buffered(
+                args=tuple(args) if isinstance(args, (list, tuple)) else (),
+                ack=lambda: ack(logger, connection_errors),
+                requeue=lambda: reject(logger, connection_errors, True),
+            )
+            delay = _eta_delay(message.headers or {})
+            if delay > 0:
+                # A countdown (a transient retry): wait outside the buffer, without holding a prefetch slot.
+                consumer.qos.increment_eventually()
+                timer.call_after(delay, self._admit_later, (entry, consumer.qos))
+                return
+            self._admit(entry)
+
+        return task_message_handler
+
+    def _admit_later(self, entry: Buffered, qos) -> None:
+        qos.decrement_eventually()
+        self._admit(entry)
+
+    def _admit(self, entry: Buffered) -> None:
+        with self._lock:
+            self._buffer.append(entry)
+            full = len(self._buffer) >= self.flush_every
+        if full:
+            self._flush()
+
+    def _tick(self) -> None:
+        with self._lock:
+            if not self._buffer:
+                self._waiting_since = None
+                return
             now = monotonic()
             if self._waiting_since is None:
                 self._waiting_since = now
-            with self._in_flight_lock:
-                busy = self._in_flight >= self.slots
-            if busy or now - self._waiting_since < self.max_wait:
-                return  # the timer stays armed: the buffer is not empty
-        self._waiting_since = None
-        super()._do_flush()
+            if self._in_flight >= self.slots or now - self._waiting_since < self.max_wait:
+                return
+        self._flush()
 
-    def flush(self, requests) -> Any:
-        with self._in_flight_lock:
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer[: self.flush_every], self._buffer[self.flush_every :]
+            self._waiting_since = monotonic() if self._buffer else None
+            if not batch:
+                return
             self._in_flight += 1
-        return super().flush(requests)
+            pool = self._pool
+        # The solo pool runs it here and now; the threads pool in one of its threads.
+        pool.apply_async(self._execute, (batch,), callback=_ignore_result)
 
-    def batch_done(self) -> None:
-        """Called by the task body when its batch is finished (persisted or failed)."""
-        with self._in_flight_lock:
-            self._in_flight = max(0, self._in_flight - 1)
+    def _execute(self, batch: list[Buffered]) -> None:
+        try:
+            try:
+                self.run([entry.args for entry in batch])
+            except Exception:  # noqa: BLE001 - back to the queue, never lost; the batch function logged why
+                logger.exception("batch of %d failed; its messages go back to the queue", len(batch))
+                settle = [entry.requeue for entry in batch]
+            else:
+                settle = [entry.ack for entry in batch]
+            for call in settle:
+                try:
+                    call()
+                except Exception:  # noqa: BLE001 - a message of a dead channel: Redis redelivers it
+                    logger.debug("could not settle a message", exc_info=True)
+        finally:
+            with self._lock:
+                self._in_flight = max(0, self._in_flight - 1)
+
+    # --- for tests and metrics -----------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+
+def _ignore_result(_result: Any) -> None:
+    """The pool calls back with the batch function's result; acknowledgement already happened in it."""
+
+
+def _eta_delay(headers: dict) -> float:
+    """Seconds until a message's ETA (0 when it has none or it has passed)."""
+    eta = headers.get("eta")
+    if not eta:
+        return 0.0
+    try:
+        when = datetime.fromisoformat(eta)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

@@ -2,17 +2,19 @@
 
 This is the worker's whole job, kept apart from Celery so it can be called and tested directly:
 
-1. claim the items (``processing``, attempt counted); skip ones already finished, so a redelivered task
-   is a no-op;
+1. claim the items (:func:`dfmod.lifecycle.claim_for_classification`); a redelivered task is a no-op;
 2. reuse the verdict of identical bytes (same sha256, same model version) where there is one;
 3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap);
 4. run the model once per ``batch_size`` chunk;
-5. write verdicts (``ON CONFLICT DO NOTHING``) and final statuses in one transaction;
+5. write verdicts and final statuses in one transaction (:func:`dfmod.lifecycle.persist_results`);
 6. if callbacks are configured, enqueue one ``verdict.created`` event (ids only) per item whose source has a
    callback URL.
 
-A bad file fails its own item with a reason; a transient storage fault sends its item back to the queue
-with a delay; neither touches the other items of the batch.
+Every database step retries through short outages (a Postgres restart or failover) with backoff, and a
+batch that fails anyway puts the items it holds back on the queue: no batch leaves items ``processing``
+for the sweep. A bad file fails its own item with a reason; a transient storage fault sends its item back
+to the queue with a delay; neither touches the other items of the batch. All SQL lives in
+:mod:`dfmod.lifecycle`.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 from celery import Celery
-from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dfmod import telemetry
+from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
-from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, session_scope, utcnow
+from dfmod.db import retry_database, session_scope, utcnow
 from dfmod.detector import Predictor, load_pixels
 from dfmod.imaging import ImageRejected
+from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 from dfmod.storage import Storage, StorageError, StorageUnavailable
@@ -43,16 +43,6 @@ from dfmod.storage import Storage, StorageError, StorageUnavailable
 logger = logging.getLogger(__name__)
 
 RETRY_DELAY_S = 5.0
-
-
-@dataclass
-class Claimed:
-    id: str
-    bucket: str
-    key: str
-    sha256: str | None
-    enqueued_at: datetime | None
-    source: str = ""
 
 
 @dataclass
@@ -80,6 +70,7 @@ class BatchReport:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
+    released: int = 0  # put back on the queue because the batch itself failed
     claim_s: float = 0.0
     fetch_s: float = 0.0  # fetch + hash + decode + resize, and the reuse look-ups
     inference_s: float = 0.0
@@ -117,12 +108,33 @@ class BatchClassifier:
         started = time.perf_counter()
         report = BatchReport(requested=len(item_ids))
         unique_ids = list(dict.fromkeys(item_ids))
-        claimed = self._with_db_retry(lambda: self._claim(unique_ids, report))
+        claim = self._in_transaction(
+            "claim",
+            lambda session: lifecycle.claim_for_classification(
+                session, unique_ids, self.model_version, self.settings.max_attempts
+            ),
+        )
+        for item_id in claim.gave_up:
+            report.failures[item_id] = lifecycle.TOO_MANY_ATTEMPTS
+        claimed = claim.claimed
         report.claim_s = time.perf_counter() - started
         report.claimed = len(claimed)
         report.skipped = len(unique_ids) - len(claimed)
         if not claimed:
             return report
+        try:
+            outcomes = self._classify(claimed, report)
+        except Exception as exc:
+            # Whatever broke the batch (a database outage longer than the retries, a bug), the items it
+            # holds go back to the queue now instead of waiting for the sweep as ``processing``. If even
+            # that fails, the error goes up and the batching layer returns the messages to the broker.
+            logger.exception("batch of %d failed", len(claimed))
+            self._release([item.id for item in claimed], f"{type(exc).__name__}: {exc}", report)
+            return report
+        self._report(outcomes, report, started)
+        return report
+
+    def _classify(self, claimed: list[Claimed], report: BatchReport) -> list[Outcome]:
         now = utcnow()
         for item in claimed:
             if item.enqueued_at is not None:
@@ -139,7 +151,8 @@ class BatchClassifier:
         self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
 
         persist_started = time.perf_counter()
-        self._with_db_retry(lambda: self._persist(outcomes))
+        results = [self._result(outcome) for outcome in outcomes]
+        self._in_transaction("persist", lambda session: lifecycle.persist_results(session, results))
         report.persist_s = time.perf_counter() - persist_started
         if self.settings.callbacks_enabled:
             enqueue_events(
@@ -150,13 +163,10 @@ class BatchClassifier:
                     if o.fake_probability is not None and self.settings.callback_url_for(o.item.source)
                 ],
             )
-        retry_ids = [o.item.id for o in outcomes if o.transient]
-        if retry_ids and self.celery_app is not None:
-            try:
-                enqueue(self.celery_app, self.settings, retry_ids, countdown=RETRY_DELAY_S)
-            except Exception:  # noqa: BLE001 - the sweep re-enqueues them
-                logger.warning("could not re-enqueue %d item(s); the sweep will", len(retry_ids), exc_info=True)
+        self._requeue([o.item.id for o in outcomes if o.transient])
+        return outcomes
 
+    def _report(self, outcomes: list[Outcome], report: BatchReport, started: float) -> None:
         for outcome in outcomes:
             if outcome.failure:
                 report.failed += 1
@@ -178,44 +188,17 @@ class BatchClassifier:
             report.requested, report.classified, report.reused, report.failed, report.retried, report.skipped,
             time.perf_counter() - started, report.claim_s, report.fetch_s, report.inference_s, report.persist_s,
         )
-        return report
 
     # --- steps -------------------------------------------------------------------------------------
 
-    def _claim(self, item_ids: list[str], report: BatchReport) -> list[Claimed]:
-        with session_scope(self.session_factory) as session:
-            query = select(Item).where(Item.id.in_(item_ids))
-            if session.get_bind().dialect.name == "postgresql":
-                # Two deliveries of one item in two workers at once: one claims it, the other moves on.
-                query = query.with_for_update(skip_locked=True)
-            items = session.scalars(query).all()
-            already = set(
-                session.scalars(
-                    select(Verdict.item_id).where(
-                        Verdict.item_id.in_(item_ids), Verdict.model_version == self.model_version
-                    )
-                )
-            )
-            now = utcnow()
-            claimed = []
-            for item in items:
-                if item.status in (ItemStatus.classified, ItemStatus.failed):
-                    continue  # a duplicate delivery of finished work
-                if item.id in already:
-                    item.status = ItemStatus.classified
-                    continue
-                if item.attempts >= self.settings.max_attempts:
-                    item.status = ItemStatus.failed
-                    item.failure_reason = "too_many_attempts"
-                    item.failure_detail = f"gave up after {item.attempts} attempts"
-                    report.failures[item.id] = "too_many_attempts"
-                    telemetry.ITEM_FAILURES.labels(reason="too_many_attempts").inc()
-                    continue
-                item.status = ItemStatus.processing
-                item.attempts += 1
-                item.updated_at = now
-                claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source))
-            return claimed
+    def _in_transaction(self, step: str, work):
+        """Run ``work(session)`` in one transaction, retried through database outages."""
+
+        def attempt():
+            with session_scope(self.session_factory) as session:
+                return work(session)
+
+        return retry_database(attempt, self.settings.database_retry_s, what=f"worker {step}")
 
     def _reuse(self, outcomes: list[Outcome], sha_of) -> None:
         """Copy the current model's verdict of identical bytes instead of classifying them again."""
@@ -224,15 +207,9 @@ class BatchClassifier:
         shas = {sha_of(o) for o in outcomes if sha_of(o)}
         if not shas:
             return
-        with session_scope(self.session_factory) as session:
-            rows = session.execute(
-                select(Verdict.sha256, Verdict.fake_probability, Verdict.item_id)
-                .where(Verdict.model_version == self.model_version, Verdict.sha256.in_(shas))
-                .order_by(Verdict.id)
-            ).all()
-        known: dict[str, tuple[float, str]] = {}
-        for sha, probability, item_id in rows:
-            known.setdefault(sha, (probability, item_id))
+        known = self._in_transaction(
+            "reuse", lambda session: lifecycle.find_reusable_verdicts(session, self.model_version, shas)
+        )
         for outcome in outcomes:
             sha = sha_of(outcome)
             if sha in known and known[sha][1] != outcome.item.id:
@@ -248,6 +225,9 @@ class BatchClassifier:
             return None, None, None, None, str(exc)
         except StorageError as exc:
             return None, None, None, (exc.reason, str(exc)), None
+        except Exception as exc:  # noqa: BLE001 - one object's fault (e.g. an OSError on a local key) is its own
+            logger.exception("unexpected error fetching %s/%s", item.bucket, item.key)
+            return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             array = load_pixels(data, self.limits, self.predictor.meta)
@@ -285,73 +265,38 @@ class BatchClassifier:
             if outcome is not representatives[outcome.sha256]:
                 outcome.reused_from = representatives[outcome.sha256].item.id
 
-    def _persist(self, outcomes: list[Outcome]) -> None:
-        now = utcnow()
-        with session_scope(self.session_factory) as session:
-            verdict_rows = []
-            for outcome in outcomes:
-                if outcome.fake_probability is None:
-                    continue
-                verdict_rows.append(
-                    {
-                        "item_id": outcome.item.id,
-                        "label": self.predictor.label_for(outcome.fake_probability),
-                        "fake_probability": outcome.fake_probability,
-                        "threshold": self.threshold,
-                        "model_version": self.model_version,
-                        "sha256": outcome.sha256,
-                        "inference_ms": outcome.inference_ms,
-                        "batch_size": outcome.batch_size,
-                        "device": self.predictor.device if outcome.reused_from is None else None,
-                        "reused_from_item_id": outcome.reused_from,
-                        "created_at": now,
-                    }
-                )
-            insert_ignore(session, Verdict, verdict_rows, ["item_id", "model_version"])
-            items = {
-                item.id: item
-                for item in session.scalars(select(Item).where(Item.id.in_([o.item.id for o in outcomes])))
-            }
-            for outcome in outcomes:
-                item = items.get(outcome.item.id)
-                if item is None:  # deleted while we worked
-                    continue
-                if outcome.sha256:
-                    item.sha256 = outcome.sha256
-                if outcome.size is not None:
-                    item.size = outcome.size
-                item.updated_at = now
-                if outcome.fake_probability is not None:
-                    item.status = ItemStatus.classified
-                    item.classified_at = now
-                    item.failure_reason = item.failure_detail = None
-                    # The newest verdict, copied for the reviewers' queries (dfmod.review).
-                    item.score = outcome.fake_probability
-                    item.label = self.predictor.label_for(outcome.fake_probability)
-                    item.threshold = self.threshold
-                    item.model_version = self.model_version
-                elif outcome.failure:
-                    item.status = ItemStatus.failed
-                    item.failure_reason, detail = outcome.failure
-                    item.failure_detail = detail[:2000]
-                elif outcome.transient:
-                    item.status = ItemStatus.queued
-                    item.failure_detail = f"retrying: {outcome.transient}"[:2000]
-                    item.enqueued_at = now
+    def _result(self, outcome: Outcome) -> ItemResult:
+        verdict = None
+        if outcome.fake_probability is not None:
+            verdict = VerdictData(
+                fake_probability=outcome.fake_probability,
+                label=self.predictor.label_for(outcome.fake_probability),
+                threshold=self.threshold,
+                model_version=self.model_version,
+                inference_ms=outcome.inference_ms,
+                batch_size=outcome.batch_size,
+                device=self.predictor.device if outcome.reused_from is None else None,
+                reused_from=outcome.reused_from,
+            )
+        return ItemResult(
+            item_id=outcome.item.id, sha256=outcome.sha256, size=outcome.size, verdict=verdict,
+            failure=outcome.failure if verdict is None else None,
+            retry=outcome.transient if verdict is None and outcome.failure is None else None,
+        )
 
-    def _with_db_retry(self, operation, attempts: int = 5):
-        """Retry a transaction through short database outages (failover, restart) with backoff."""
-        delay = 0.5
-        for attempt in range(1, attempts + 1):
-            try:
-                return operation()
-            except OperationalError:
-                if attempt == attempts:
-                    raise
-                logger.warning("database unavailable (attempt %d/%d); retrying in %.1fs", attempt, attempts, delay)
-                telemetry.TRANSIENT_ERRORS.labels(kind="database").inc()
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
+    def _requeue(self, item_ids: list[str]) -> None:
+        if not item_ids or self.celery_app is None:
+            return
+        try:
+            enqueue(self.celery_app, self.settings, item_ids, countdown=RETRY_DELAY_S)
+        except Exception:  # noqa: BLE001 - they are queued in the database; the sweep sends them
+            logger.warning("could not re-enqueue %d item(s); the sweep will", len(item_ids), exc_info=True)
+
+    def _release(self, item_ids: list[str], reason: str, report: BatchReport) -> None:
+        released = self._in_transaction("release", lambda session: lifecycle.release_claims(session, item_ids, reason))
+        report.released = len(released)
+        logger.warning("batch failed (%s); %d item(s) put back on the queue", reason, len(released))
+        self._requeue(released)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

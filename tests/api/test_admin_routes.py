@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.conftest import bearer
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 

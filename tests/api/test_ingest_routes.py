@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from dfmod.settings import Settings
 
-from tests.conftest import bearer, make_image_bytes
+from tests.utils.records import bearer
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer event-secret"}
@@ -74,11 +75,23 @@ def test_upload_is_stored_recorded_and_enqueued(client, integration_settings, s3
     assert _queue_length(integration_settings) == 1
 
 
+def test_identical_bytes_uploaded_twice_say_duplicate_and_name_the_first_item(client):
+    data = make_image_bytes(size=(96, 96), color=(1, 2, 3))
+    first = client.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg")})
+    second = client.post("/v1/images", files={"file": ("b.jpg", data, "image/jpeg")})
+    other = client.post("/v1/images", files={"file": ("c.jpg", make_image_bytes(color=(9, 9, 9)), "image/jpeg")})
+    assert first.status_code == 202 and first.json()["duplicate"] is False and first.json()["duplicate_of"] is None
+    # A new item (its own id, 202) whose verdict will be the first one's: the answer says so.
+    assert second.status_code == 202 and second.json()["id"] != first.json()["id"]
+    assert second.json()["duplicate"] is True and second.json()["duplicate_of"] == first.json()["id"]
+    assert other.json()["duplicate"] is False and other.json()["duplicate_of"] is None
+
+
 @pytest.mark.parametrize(
     "payload,status,error",
     [
         (b"plain text, not a picture", 415, "not_an_image"),
-        (make_image_bytes("PNG", size=(1, 1)), 400, "too_small"),
+        (make_image_bytes("PNG", size=(1, 1)), 422, "too_small"),
     ],
 )
 def test_bad_uploads_get_a_clear_json_error(client, integration_settings, payload, status, error):
@@ -196,7 +209,7 @@ def test_health_readiness_and_metrics(client, integration_settings):
 
 
 def test_readiness_fails_when_a_dependency_is_down(integration_settings):
-    from tests.conftest import free_port
+    from dfmod.loopback import free_port
 
     broken = integration_settings.model_copy(
         update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "s3_endpoint_url": f"http://127.0.0.1:{free_port()}", "s3_max_attempts": 1}
@@ -236,4 +249,4 @@ def test_upload_to_verdict_through_a_real_worker(client, integration_settings, w
             time.sleep(0.2)
         assert failed["status"] == "failed" and failed["reason"] in ("truncated", "corrupt")
     else:
-        assert bad.status_code == 400
+        assert bad.status_code == 422

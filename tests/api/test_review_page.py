@@ -1,6 +1,7 @@
 """The review page in a real browser (headless Chromium driven by Playwright) against a real API server on
 Postgres and an S3 server: sign in, claim, decide by keyboard and by click, undo, and find the decisions
-persisted after a reload."""
+persisted after a reload; Undo retracts the open item's own decision, heatmap messages do not follow the
+reviewer to the next item, and identical uploads are marked as such."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import uvicorn
 
 from api.main import create_app
 from dfmod.db import Item, Review, make_engine, make_session_factory, session_scope
-from tests.conftest import free_port, make_image_bytes, seed_items, wait_for_port
+from dfmod.loopback import free_port, wait_for_port
+from tests.utils.images import make_image_bytes
+from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration
 CHROMIUM_ARGS = [
@@ -116,7 +119,13 @@ def test_sign_in_claim_decide_undo_and_see_it_persisted(
     expect(page.locator("#status")).to_contain_text("overturned_real recorded")
     assert _item_state(integration_settings, ids[1])[0] == "overturned_real"
 
-    page.keyboard.press("u")  # undo the last decision
+    # Undo acts on the open item: the third is open and undecided, so u first brings back the second (the
+    # last decision) without touching it, and a second u undoes it there, in view.
+    page.keyboard.press("u")
+    expect(page.locator("#status")).to_contain_text("press u again")
+    expect(page.locator("#facts")).to_contain_text(ids[1])
+    assert _item_state(integration_settings, ids[1])[0] == "overturned_real"
+    page.keyboard.press("u")
     expect(page.locator("#status")).to_have_text("decision undone")
     expect(page.locator("#facts")).to_contain_text("unreviewed")
     assert _item_state(integration_settings, ids[1]) == (
@@ -139,4 +148,66 @@ def test_sign_in_claim_decide_undo_and_see_it_persisted(
 
     page.click("#signout")
     expect(page.locator("#signin")).to_be_visible()
+    assert errors == []
+
+
+def _set_sha256(settings, hashes: dict[str, str]) -> None:
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        for item_id, digest in hashes.items():
+            session.get(Item, item_id).sha256 = digest
+    engine.dispose()
+
+
+def test_undo_retracts_the_open_item_and_twins_and_heatmap_text_stay_put(
+    server, browser_page, integration_settings, s3_buckets, make_api_key
+):
+    from playwright.sync_api import expect
+
+    page, errors = browser_page
+    s3, (bucket, _extra) = s3_buckets
+    for index in range(3):
+        s3.put_object(Bucket=bucket, Key=f"undo/{index}.jpg", Body=make_image_bytes(size=(200, 200), color=(80 * index, 30, 60)))
+    ids = seed_items(
+        integration_settings,
+        [{"score": score, "key": f"undo/{i}.jpg", "source": f"s-{i}"} for i, score in enumerate((0.95, 0.85, 0.75))],
+    )
+    same, other = "ab" * 32, "cd" * 32
+    _set_sha256(integration_settings, {ids[0]: same, ids[1]: other, ids[2]: same})  # first and third: same bytes
+    key = make_api_key("review", name="quinn")
+
+    page.goto(f"{server}/review")
+    page.fill("#key-input", key)
+    page.click("#signin-button")
+    cards = page.locator("#list .card")
+    expect(cards).to_have_count(3)
+    expect(cards.nth(0).locator(".twin")).to_have_text("same image as #3")
+    expect(cards.nth(2).locator(".twin")).to_have_text("same image as #1")
+    expect(cards.nth(1).locator(".twin")).to_have_count(0)
+
+    page.keyboard.press("f")  # first item: fake; moves to the second
+    expect(page.locator("#facts")).to_contain_text(ids[1])
+    page.keyboard.press("r")  # second: real; moves to the third
+    expect(page.locator("#facts")).to_contain_text(ids[2])
+    assert _item_state(integration_settings, ids[1])[0] == "overturned_real"
+
+    # Reopen the first item and undo: its own decision goes, the later decision on the second stays.
+    cards.nth(0).click()
+    expect(page.locator("#facts")).to_contain_text(ids[0])
+    expect(page.locator("#undo")).to_be_enabled()
+    page.keyboard.press("u")
+    expect(page.locator("#status")).to_have_text("decision undone")
+    expect(page.locator("#facts")).to_contain_text("unreviewed")
+    assert _item_state(integration_settings, ids[0]) == (None, [("confirmed_fake", "quinn"), ("retracted", "quinn")])
+    assert _item_state(integration_settings, ids[1]) == ("overturned_real", [("overturned_real", "quinn")])
+
+    # The heatmap message belongs to its item: it is gone once the next item opens, and stays gone while
+    # the first item's heatmap is still being polled (no worker runs here, so it answers 202).
+    page.keyboard.press("h")
+    expect(page.locator("#status")).to_have_text("making the heatmap…")
+    page.keyboard.press("j")
+    expect(page.locator("#facts")).to_contain_text(ids[1])
+    expect(page.locator("#status")).not_to_contain_text("heatmap")
+    page.wait_for_timeout(2500)  # two more polling rounds of the old item
+    expect(page.locator("#status")).not_to_contain_text("heatmap")
     assert errors == []

@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 
 from api.main import create_app
 from dfmod.db import Review, make_engine, make_session_factory, session_scope
-from tests.conftest import bearer, make_image_bytes, seed_items
+from tests.utils.records import bearer, seed_items
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -115,28 +115,53 @@ def test_the_acceptance_rule():
     assert noisy["label_agreement"] < MIN_LABEL_AGREEMENT or noisy["roc_auc_drop"] > MAX_AUC_DROP
 
 
-def test_the_shipped_reduced_precisions_agree_with_fp32_on_generated_images(generated_faces):
-    """What the model card records for the shipped model, checked again on a small set made here."""
-    from dfmod.detector import accepted_precisions, default_checkpoint_path
-    from dfmod.export import labelled_images, pixels_of
+def _varied_images(count: int = 48) -> list:
+    """Images of several kinds made here: textures, gradients, flat colours, fractals, blurred and sharp."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(11)
+    images = []
+    for index in range(count):
+        kind = index % 4
+        if kind == 0:
+            noise = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+            image = Image.fromarray(noise).resize((224, 224), Image.Resampling.BICUBIC)
+        elif kind == 1:
+            image = Image.merge("RGB", [Image.linear_gradient("L").rotate(int(rng.integers(0, 360)))] * 3)
+        elif kind == 2:
+            image = Image.new("RGB", (224, 224), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        else:
+            zoom = float(rng.uniform(0.5, 2.0))
+            image = Image.effect_mandelbrot((224, 224), (-2 / zoom, -1.5 / zoom, 1 / zoom, 1.5 / zoom), 80).convert("RGB")
+        images.append(image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 2)))))
+    return images
+
+
+def test_the_shipped_reduced_precisions_track_fp32_and_their_recorded_figures_pass_the_rule():
+    """The model card's accepted precisions, checked again: the recorded Test figures meet the rule, and on
+    images this test makes the reduced precision tracks fp32 (labels agree wherever fp32 is not borderline)."""
+    from dfmod.detector import accepted_precisions, default_checkpoint_path, to_pixels
 
     shipped = default_checkpoint_path()
     accepted = accepted_precisions(shipped)
-    if not accepted:
-        pytest.skip("the shipped model has no accepted reduced precision")
+    assert "openvino-int8" in accepted  # what docs/model-card.md says ships
     meta = read_meta(shipped)
-    samples = labelled_images(generated_faces)
-    pixels, kept = pixels_of([path for path, _ in samples], meta)
-    labels = np.array([samples[i][1] for i in kept])
-    for name in accepted:
+    pixels = np.stack([to_pixels(image, meta) for image in _varied_images()])
+    for name, figures in accepted.items():
+        assert figures["roc_auc_drop"] <= MAX_AUC_DROP and figures["label_agreement"] >= MIN_LABEL_AGREEMENT
+        assert figures["test_images"] >= 1000
         backend, precision = name.split("-")
         if not detector.backend_installed(backend):
             continue
         reference = Predictor(shipped, device="cpu", backend=backend, precision="fp32").predict_pixels(pixels)
         candidate = Predictor(shipped, device="cpu", backend=backend, precision=precision).predict_pixels(pixels)
-        figures = agreement_figures(labels, reference, candidate, meta.threshold)
-        assert figures["label_agreement"] >= MIN_LABEL_AGREEMENT, (name, figures)
-        assert abs(figures["roc_auc_drop"]) <= MAX_AUC_DROP + 0.01, (name, figures)  # 48 images: coarse AUC
+        shift = np.abs(candidate - reference)
+        assert shift.mean() < 0.02, (name, shift.mean())
+        # The largest shift on the Test split was 0.147: beyond that from the threshold, a label cannot flip.
+        decided = np.abs(reference - meta.threshold) > figures["max_abs_probability_difference"]
+        assert decided.sum() >= 10
+        agree = (reference >= meta.threshold) == (candidate >= meta.threshold)
+        assert agree[decided].all(), name
 
 
 def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.utils.processes import REPO_ROOT
 
 
 def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exported_checkpoint):

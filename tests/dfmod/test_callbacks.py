@@ -19,7 +19,8 @@ from dfmod.db import CallbackDelivery, make_engine, make_session_factory, sessio
 from dfmod.keys import create_key
 from dfmod.review import record_review
 from dfmod.settings import Settings
-from tests.conftest import free_port, seed_items
+from dfmod.loopback import free_port
+from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration
 SECRET = "callback-secret"

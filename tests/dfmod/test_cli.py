@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, make_image_bytes, wait_for_port
+from tests.utils.processes import REPO_ROOT
+from dfmod.loopback import free_port, wait_for_port
+from tests.utils.images import make_image_bytes
 
 
 def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_path):

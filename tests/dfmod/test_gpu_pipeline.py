@@ -13,7 +13,7 @@ from PIL import Image
 from dfmod.detector import Predictor, default_checkpoint_path, load_pixels, read_meta
 from dfmod.gpu_pipeline import Prefetcher, decode_to_pixels, probabilities_on_device
 from dfmod.imaging import ImageLimits
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 pytest.importorskip("torchvision")
 

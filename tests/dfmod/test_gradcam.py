@@ -11,7 +11,7 @@ from PIL import Image
 
 from dfmod.detector import FAKE_INDEX, Predictor, to_pixels
 from dfmod.gradcam import gradcam, heatmap, occlusion_map, overlay_png
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
 
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=20_000_000, min_side=16)
 

@@ -13,7 +13,7 @@ from dfmod.db import make_engine, make_session_factory, session_scope, utcnow
 from dfmod.keys import create_key
 from dfmod.review import claim_items, record_review
 from dfmod.settings import Settings
-from tests.conftest import seed_items
+from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration
 

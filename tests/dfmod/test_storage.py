@@ -73,7 +73,7 @@ def test_s3_storage_against_a_real_s3_server(s3_endpoint, s3_buckets):
 
 
 def test_s3_storage_unreachable_endpoint_is_transient():
-    from tests.conftest import free_port
+    from dfmod.loopback import free_port
 
     storage = S3Storage(
         _s3_settings(f"http://127.0.0.1:{free_port()}", "b", s3_max_attempts=1, s3_connect_timeout_s=0.5)

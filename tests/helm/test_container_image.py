@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -179,14 +180,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize(("status", "expected_rc"), [(200, 0), (503, 1)])
-def test_healthcheck_script(root, status, expected_rc):
+def test_healthcheck_script(root, status, expected_rc, tmp_path):
     handler = type("Handler", (_Handler,), {"status": status})
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         port = server.server_address[1]
-        env = {**os.environ, "DFMOD_API_PORT": str(port), "DFMOD_METRICS_PORT": "1"}
+        env = {**os.environ, "DFMOD_API_PORT": str(port), "DFMOD_METRICS_PORT": "1", "DFMOD_HEARTBEAT_DIR": str(tmp_path)}
         env.pop("DFMOD_HEALTHCHECK_URL", None)
         result = subprocess.run(
             [sys.executable, str(root / "docker" / "healthcheck.py")], env=env, capture_output=True, timeout=30
@@ -197,12 +198,29 @@ def test_healthcheck_script(root, status, expected_rc):
         server.server_close()
 
 
-def test_healthcheck_script_fails_when_nothing_listens(root):
-    env = {**os.environ, "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1"}
+def test_healthcheck_script_fails_when_nothing_listens(root, tmp_path):
+    env = {**os.environ, "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1", "DFMOD_HEARTBEAT_DIR": str(tmp_path)}
     env.pop("DFMOD_HEALTHCHECK_URL", None)
     result = subprocess.run([sys.executable, str(root / "docker" / "healthcheck.py")], env=env, capture_output=True, timeout=30)
     assert result.returncode == 1
     assert b"unhealthy" in result.stderr
+
+
+def test_healthcheck_follows_a_workers_heartbeat(root, tmp_path):
+    """With a heartbeat present (a worker), a stale consuming loop is unhealthy although nothing is asked
+    over HTTP: the metrics thread of a hung worker would still answer."""
+    from worker.liveness import Heartbeat
+
+    Heartbeat(tmp_path).beat()
+    env = {**os.environ, "DFMOD_HEARTBEAT_DIR": str(tmp_path), "DFMOD_API_PORT": "1", "DFMOD_METRICS_PORT": "1",
+           "DFMOD_HEALTHCHECK_MAX_AGE_S": "60"}
+    env.pop("DFMOD_HEALTHCHECK_URL", None)
+    script = [sys.executable, str(root / "docker" / "healthcheck.py")]
+    assert subprocess.run(script, env=env, capture_output=True, timeout=30, cwd=root).returncode == 0
+    stale = time.time() - 600
+    os.utime(tmp_path / "loop", (stale, stale))
+    result = subprocess.run(script, env=env, capture_output=True, timeout=30, cwd=root)
+    assert result.returncode == 1 and b"consumer loop silent" in result.stderr
 
 
 def _hadolint() -> str | None:
@@ -216,3 +234,84 @@ def test_hadolint(root):
         [_hadolint(), "--failure-threshold", "info", str(root / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- layer caching, pins, and torch only where it is needed -------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["build-cpu", "build-cuda"])
+def test_dependencies_install_before_the_sources_are_copied(stages, target):
+    instructions = _effective(stages, target)
+    copy_sources = next(i for i, (kind, args) in enumerate(instructions) if kind == "COPY" and args.startswith(". "))
+    copy_pyproject = next(i for i, (kind, args) in enumerate(instructions) if kind == "COPY" and "pyproject.toml" in args)
+    dependency_runs = [i for i, (kind, args) in enumerate(instructions) if kind == "RUN" and "-r requirements.txt" in args]
+    assert copy_pyproject < dependency_runs[0] < copy_sources, instructions
+    after_sources = " ".join(args for kind, args in instructions[copy_sources:] if kind == "RUN")
+    # After the sources nothing is resolved again: a code change rebuilds one small layer.
+    assert "pip install . --no-deps" in after_sources and "-r " not in after_sources
+
+
+def test_base_image_and_torch_range_are_pinned(root, stages):
+    text = (root / "Dockerfile").read_text()
+    import re
+
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
+    constraints = re.search(r'^ARG TORCH_CONSTRAINTS="([^"]+)"$', text, re.M).group(1).split()
+    torch = next(c for c in constraints if c.startswith("torch>="))
+    assert "<" in torch, "torch has an upper bound"
+    # The range holds the torch the tests run with.
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    import torch as installed
+
+    assert Version(installed.__version__.split("+")[0]) in SpecifierSet(torch.removeprefix("torch"))
+
+
+def _requirements(root, pyproject_text, tmp_path, *args):
+    path = tmp_path / "pyproject.toml"
+    path.write_text(pyproject_text)
+    result = subprocess.run(
+        [sys.executable, str(root / "docker" / "requirements.py"), "--pyproject", str(path), *args],
+        capture_output=True, text=True, check=True,
+    )
+    return result.stdout.split()
+
+
+SERVING_PYPROJECT = """
+[project]
+name = "dfmod"
+dependencies = ["onnxruntime>=1.18,<2", "pillow>=10.3", "fastapi>=0.111"]
+[project.optional-dependencies]
+training = ["torch>=2.4", "timm>=1.0.9", "scikit-learn>=1.4"]
+gpu = ["torch>=2.4", "torchvision>=0.19", "timm>=1.0.9"]
+test = ["dfmod[training]", "pytest>=8"]
+"""
+
+
+def test_api_image_gets_no_torch_once_the_base_install_is_torch_free(root, tmp_path):
+    # The CPU/API image installs the base dependencies: with serving backends that need no torch, nothing
+    # from the torch family is installed at all.
+    assert _requirements(root, SERVING_PYPROJECT, tmp_path, "--extras", "", "--only", "torch") == []
+    assert _requirements(root, SERVING_PYPROJECT, tmp_path, "--exclude", "torch") == [
+        "onnxruntime>=1.18,<2", "pillow>=10.3", "fastapi>=0.111",
+    ]
+    # The CUDA image's `gpu` extra brings torch (from the torch step) and the rest from PyPI.
+    assert _requirements(root, SERVING_PYPROJECT, tmp_path, "--extras", "gpu", "--only", "torch") == [
+        "torch>=2.4", "torchvision>=0.19",
+    ]
+    assert "timm>=1.0.9" in _requirements(root, SERVING_PYPROJECT, tmp_path, "--extras", "gpu", "--exclude", "torch")
+    # Self-references are dropped; unknown extras are skipped with a note, not a failed build.
+    assert _requirements(root, SERVING_PYPROJECT, tmp_path, "--extras", "test,serving", "--exclude", "torch")[-1] == "pytest>=8"
+
+
+def test_todays_pyproject_puts_cpu_torch_in_the_torch_layer(root, tmp_path):
+    text = (root / "pyproject.toml").read_text()
+    torch_layer = _requirements(root, text, tmp_path, "--only", "torch")
+    rest = _requirements(root, text, tmp_path, "--exclude", "torch")
+    assert not any(r.startswith(("torch", "torchvision")) for r in rest)
+    import tomllib
+
+    base = tomllib.loads(text)["project"]["dependencies"]
+    assert sorted(torch_layer + rest) == sorted(base)

@@ -116,22 +116,38 @@ def test_scaled_object_structure(chart, rendered, scenario):
         assert spec["maxReplicaCount"] >= 1
         assert len(spec["triggers"]) == 1
         trigger = spec["triggers"][0]
-        assert trigger["type"] == "redis"
         metadata = trigger["metadata"]
-        assert {"address", "listName", "listLength", "activationListLength", "databaseIndex", "enableTLS"} <= set(metadata)
         # KEDA trigger metadata is a map of strings.
         assert all(isinstance(value, str) for value in metadata.values()), metadata
+        if "fallback" in spec:
+            fallback = spec["fallback"]
+            assert set(fallback) == {"failureThreshold", "replicas"}, fallback
+            assert isinstance(fallback["failureThreshold"], int) and fallback["failureThreshold"] >= 1
+            assert isinstance(fallback["replicas"], int) and fallback["replicas"] >= 0
+        if trigger["type"] == "prometheus":
+            assert {"serverAddress", "query", "threshold", "activationThreshold"} <= set(metadata)
+            assert re.fullmatch(r"https?://\S+", metadata["serverAddress"])
+            assert int(metadata["threshold"]) >= 1 and int(metadata["activationThreshold"]) >= 0
+            assert "authenticationRef" not in trigger
+            continue
+        assert trigger["type"] == "redis"
+        assert {"address", "listName", "listLength", "activationListLength", "databaseIndex", "enableTLS"} <= set(metadata)
         assert re.fullmatch(r"[^:/\s]+:\d+", metadata["address"]), metadata["address"]
         assert int(metadata["listLength"]) >= 1 and int(metadata["activationListLength"]) >= 0
         assert metadata["enableTLS"] in {"true", "false"}
+        assert metadata.get("unsafeSsl", "false") in {"true", "false"}
         assert metadata["databaseIndex"].isdigit()
         if "authenticationRef" in trigger:
             assert trigger["authenticationRef"]["name"] in trigger_auths
     for ta in trigger_auths.values():
         assert ta["apiVersion"] == "keda.sh/v1alpha1"
         refs = ta["spec"]["secretTargetRef"]
-        assert {ref["parameter"] for ref in refs} <= {"password", "username"}
-        assert "password" in {ref["parameter"] for ref in refs}
+        parameters = [ref["parameter"] for ref in refs]
+        # The redis scaler's authentication parameters: credentials and TLS material.
+        assert set(parameters) <= {"password", "username", "ca", "cert", "key", "keyPassword"}
+        assert len(parameters) == len(set(parameters))
+        assert ("cert" in parameters) == ("key" in parameters)
+        assert "username" not in parameters or "password" in parameters
         for ref in refs:
             assert ref["name"] and ref["key"]
             secret = out.maybe("Secret", ref["name"])

@@ -136,7 +136,9 @@ def test_workers_shut_down_gracefully_with_exec_form(chart, rendered):
         # Exec form, no shell: `dfmod worker` is PID 1 and receives SIGTERM (Celery warm shutdown).
         assert ctr["command"] == ["dfmod"] and ctr["args"] == ["worker"]
         assert pod["terminationGracePeriodSeconds"] >= 60
-        assert ctr["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        # Liveness is the consuming loop's heartbeat (an exec probe), not /metrics served by its own thread.
+        command = ctr["livenessProbe"]["exec"]["command"]
+        assert command[:3] == ["dfmod", "worker-alive", "--max-age"] and float(command[3]) >= 60
         assert ctr["startupProbe"]["httpGet"]["port"] == "metrics"
         assert "preStop" not in str(ctr.get("lifecycle", {}))
 

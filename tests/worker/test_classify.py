@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
 from dfmod.detector import Predictor
-from dfmod.items import NewItem, record_items
+from dfmod.lifecycle import NewItem, record_items
 from dfmod.storage import S3Storage
 from worker.classify import BatchClassifier
 
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_identical_bytes_reuse_the_existing_verdict(classifier, s3_buckets):
 
 
 def test_transient_storage_fault_sends_the_item_back_to_the_queue(integration_settings, predictor, s3_buckets):
-    from tests.conftest import free_port
+    from dfmod.loopback import free_port
 
     broken = integration_settings.model_copy(
         update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}", "s3_max_attempts": 1, "s3_connect_timeout_s": 0.3}

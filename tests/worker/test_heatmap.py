@@ -11,7 +11,8 @@ from PIL import Image
 from dfmod.db import make_engine, make_session_factory
 from dfmod.detector import Predictor
 from dfmod.storage import S3Storage, heatmap_key
-from tests.conftest import make_image_bytes, seed_items
+from tests.utils.images import make_image_bytes
+from tests.utils.records import seed_items
 from worker.heatmap import HeatmapMaker
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from dfmod import migrate
 from dfmod.db import Verdict, make_engine, make_session_factory, session_scope
 from dfmod.detector import Predictor
-from dfmod.items import NewItem, record_items
+from dfmod.lifecycle import NewItem, record_items
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 from dfmod.training.evaluate import evaluate

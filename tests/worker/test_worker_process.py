@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-from dfmod.items import NewItem, enqueue_items, record_items
+from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
 
-from tests.conftest import make_image_bytes
+from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
 

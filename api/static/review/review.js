@@ -9,13 +9,15 @@
   const KEY_STORAGE = "dfmod.review.key";
   const state = {
     key: null,
+    me: null, // the signed-in key's name: reviews by it are the ones Undo may retract
     mode: "queue",
     items: [],
     selected: -1,
     detail: null,
-    undo: [], // [{itemId, reviewId}] of this session's decisions, newest last
+    undo: [], // [{itemId, reviewId}] of this session's decisions, newest last (to find the last one)
     cursor: null,
     heatToken: 0,
+    twins: new Map(), // sha256 -> positions in the list of the cards holding those bytes
     busy: false,
   };
 
@@ -44,10 +46,13 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  function say(text, isError = false) {
+  // `about` names the item a message is about: it is cleared when another item opens, so a message such as
+  // "making the heatmap…" never reads as if it were about the next item.
+  function say(text, isError = false, about = null) {
     const status = $("status");
     status.textContent = text;
     status.classList.toggle("error", isError);
+    if (about) status.dataset.about = about; else delete status.dataset.about;
   }
 
   function fail(error) {
@@ -62,6 +67,7 @@
       const me = await api("GET", "/v1/whoami");
       if (!me.scopes.includes("review")) throw new Error(`key "${me.name}" has no review scope`);
       sessionStorage.setItem(KEY_STORAGE, key);
+      state.me = me.name;
       $("whoami").textContent = `signed in as ${me.name}`;
       $("signin").hidden = true;
       $("app").hidden = false;
@@ -82,7 +88,7 @@
     }
     state.key = null;
     sessionStorage.removeItem(KEY_STORAGE);
-    Object.assign(state, { items: [], selected: -1, detail: null, undo: [] });
+    Object.assign(state, { me: null, items: [], selected: -1, detail: null, undo: [] });
     $("list").replaceChildren();
     $("detail").hidden = true;
     $("app").hidden = true;
@@ -109,6 +115,16 @@
     source.className = "muted";
     source.textContent = item.source;
     text.append(score, source);
+    const twins = state.twins.get(item.sha256) || [];
+    if (twins.length > 1) {
+      // Identical bytes uploaded more than once: same verdict (reused), so one decision usually fits all.
+      const others = twins.filter((position) => position !== index).map((position) => `#${position + 1}`);
+      const hint = document.createElement("div");
+      hint.className = "twin";
+      hint.textContent = `same image as ${others.join(", ")}`;
+      hint.title = `identical bytes (sha256 ${item.sha256.slice(0, 12)}…)`;
+      text.append(hint);
+    }
     if (item.decision) {
       const badge = document.createElement("span");
       badge.className = `badge ${item.decision}`;
@@ -121,6 +137,12 @@
   }
 
   function renderList() {
+    state.twins = new Map();
+    state.items.forEach((item, index) => {
+      if (!item.sha256) return;
+      if (!state.twins.has(item.sha256)) state.twins.set(item.sha256, []);
+      state.twins.get(item.sha256).push(index);
+    });
     $("list").replaceChildren(...state.items.map(card));
     const selected = $("list").children[state.selected];
     if (selected) selected.scrollIntoView({ block: "nearest" });
@@ -192,6 +214,8 @@
     $("detail").hidden = false;
     $("heat").hidden = true;
     $("heat").removeAttribute("src");
+    const status = $("status");
+    if (status.dataset.about && status.dataset.about !== item.id) say("");
     $("full").src = item.image_url;
     const facts = $("facts");
     facts.replaceChildren();
@@ -219,7 +243,14 @@
       return li;
     });
     $("history").replaceChildren(...history);
-    $("undo").disabled = state.undo.length === 0;
+    $("undo").disabled = !ownDecision(item) && state.undo.length === 0;
+  }
+
+  // The open item's standing decision, if this reviewer made it: the review Undo retracts.
+  function ownDecision(item) {
+    if (!item || !item.decision) return null;
+    const standing = item.reviews.filter((r) => r.decision !== "retracted" && !r.retracted).pop();
+    return standing && standing.reviewer === state.me ? standing : null;
   }
 
   async function select(index) {
@@ -263,18 +294,34 @@
     } catch (error) { fail(error); } finally { state.busy = false; }
   }
 
+  // Undo acts on the open item only: it retracts that item's own decision. On an item without one, it opens
+  // the item of this session's last decision instead (a second press undoes it there, in view), so a
+  // decision is never retracted on an item the reviewer is not looking at.
   async function undo() {
-    const last = state.undo[state.undo.length - 1];
-    if (!last || state.busy) return;
+    if (state.busy || !state.detail) return;
+    const open = state.detail;
+    const own = ownDecision(open);
+    if (!own) {
+      const last = state.undo[state.undo.length - 1];
+      if (!last) { say("nothing to undo on this item"); return; }
+      let index = state.items.findIndex((item) => item.id === last.itemId);
+      if (index < 0) {
+        try { state.items.unshift(await api("GET", `/v1/items/${encodeURIComponent(last.itemId)}`)); index = 0; }
+        catch (error) { fail(error); return; }
+      }
+      await select(index);
+      say("this is your last decision: press u again to undo it", false, last.itemId);
+      return;
+    }
     state.busy = true;
     try {
-      await api("POST", `/v1/items/${encodeURIComponent(last.itemId)}/reviews/${last.reviewId}/retract`, {});
-      state.undo.pop();
-      const detail = await api("GET", `/v1/items/${encodeURIComponent(last.itemId)}`);
+      await api("POST", `/v1/items/${encodeURIComponent(open.id)}/reviews/${own.id}/retract`, {});
+      state.undo = state.undo.filter((entry) => entry.reviewId !== own.id);
+      const detail = await api("GET", `/v1/items/${encodeURIComponent(open.id)}`);
       let index = replaceItem({ id: detail.id, decision: detail.decision });
       if (index < 0) { state.items.unshift(detail); index = 0; }
-      say("decision undone");
       await select(index);
+      say("decision undone", false, open.id);
     } catch (error) { fail(error); } finally { state.busy = false; }
   }
 
@@ -283,20 +330,27 @@
     if (!state.detail || !state.detail.heatmap_url) return;
     if (!heat.hidden) { heat.hidden = true; return; }
     const token = ++state.heatToken;
-    say("making the heatmap…");
-    for (let tries = 0; tries < 120 && token === state.heatToken; tries += 1) {
-      const response = await fetch(state.detail.heatmap_url);
+    const itemId = state.detail.id;
+    const url = state.detail.heatmap_url;
+    // Every await may return after another item opened (renderDetail bumps heatToken): then stop quietly.
+    const current = () => token === state.heatToken;
+    say("making the heatmap…", false, itemId);
+    for (let tries = 0; tries < 120 && current(); tries += 1) {
+      const response = await fetch(url);
+      if (!current()) return;
       if (response.status === 200) {
+        const blob = await response.blob();
+        if (!current()) return;
         if (heat.src.startsWith("blob:")) URL.revokeObjectURL(heat.src);
-        heat.src = URL.createObjectURL(await response.blob());
+        heat.src = URL.createObjectURL(blob);
         heat.hidden = false;
-        say("heatmap: where the model saw evidence of a fake");
+        say("heatmap: where the model saw evidence of a fake", false, itemId);
         return;
       }
-      if (response.status !== 202) { say(`heatmap unavailable (HTTP ${response.status})`, true); return; }
+      if (response.status !== 202) { say(`heatmap unavailable (HTTP ${response.status})`, true, itemId); return; }
       await new Promise((resolve) => setTimeout(resolve, 1000));
     }
-    if (token === state.heatToken) say("the heatmap is taking long; try again later", true);
+    if (current()) say("the heatmap is taking long; try again later", true, itemId);
   }
 
   // --- wiring --------------------------------------------------------------------------------------

@@ -66,21 +66,36 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* Image of the API, migrations and tests. */}}
-{{- define "dfmod.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
+{{/* An image reference: (dict "repository" R "tag" T "digest" D); with a digest, `R:T@D` (pulled by digest). */}}
+{{- define "dfmod.imageRef" -}}
+{{- $ref := printf "%s:%s" .repository (.tag | toString) -}}
+{{- if .digest -}}
+{{- $ref = printf "%s@%s" $ref .digest -}}
+{{- end -}}
+{{- $ref -}}
 {{- end -}}
 
-{{/* Image of a worker pool: (dict "root" $ "pool" $poolValues). */}}
+{{/* Image of the API, migrations and tests. */}}
+{{- define "dfmod.image" -}}
+{{- include "dfmod.imageRef" (dict "repository" .Values.image.repository "tag" (default .Chart.AppVersion .Values.image.tag) "digest" .Values.image.digest) -}}
+{{- end -}}
+
+{{/* Image of a worker pool: (dict "root" $ "pool" $poolValues). The top-level digest applies only to a pool
+that runs the top-level image unchanged (same repository, no tag or suffix of its own). */}}
 {{- define "dfmod.poolImage" -}}
 {{- $root := .root -}}
 {{- $img := .pool.image | default dict -}}
 {{- $repository := default $root.Values.image.repository $img.repository -}}
 {{- $tag := $img.tag | default "" | toString -}}
+{{- $digest := $img.digest | default "" -}}
+{{- $sameImage := and (not $img.repository) (not $tag) (not $img.tagSuffix) -}}
+{{- if and (not $digest) $sameImage -}}
+{{- $digest = $root.Values.image.digest | default "" -}}
+{{- end -}}
 {{- if not $tag -}}
 {{- $tag = printf "%s%s" (default $root.Chart.AppVersion $root.Values.image.tag | toString) (default "" $img.tagSuffix) -}}
 {{- end -}}
-{{- printf "%s:%s" $repository $tag -}}
+{{- include "dfmod.imageRef" (dict "repository" $repository "tag" $tag "digest" $digest) -}}
 {{- end -}}
 
 {{/* Name of the Secret holding the credentials (the chart's or secrets.existingSecret). */}}
@@ -122,6 +137,13 @@ Included by the always-rendered ConfigMap.
 {{- end -}}
 {{- if not (or .Values.workers.cpu.enabled .Values.workers.gpu.enabled) -}}
 {{- fail "dfmod: enable at least one worker pool (workers.cpu.enabled or workers.gpu.enabled)" -}}
+{{- end -}}
+{{- if and .Values.keda.enabled (eq .Values.keda.trigger "prometheus") (not .Values.keda.prometheus.serverAddress) -}}
+{{- fail "dfmod: keda.trigger=prometheus needs keda.prometheus.serverAddress (the Prometheus that scrapes the API's dfmod_queue_depth)" -}}
+{{- end -}}
+{{- $tls := .Values.keda.redis.tls -}}
+{{- if and (or $tls.certKey $tls.keyKey) (not (and $tls.certKey $tls.keyKey)) -}}
+{{- fail "dfmod: keda.redis.tls.certKey and keda.redis.tls.keyKey go together (client certificate and its key)" -}}
 {{- end -}}
 {{- range $name := list "cpu" "gpu" -}}
 {{- $pool := index $.Values.workers $name -}}
@@ -202,10 +224,27 @@ REDIS_USERNAME
 {{- end -}}
 {{- end -}}
 
-{{/* Whether KEDA authenticates to Redis (renders "true" or nothing). */}}
-{{- define "dfmod.kedaAuth" -}}
+{{/* Whether KEDA authenticates to Redis with a password (renders "true" or nothing). */}}
+{{- define "dfmod.kedaPasswordAuth" -}}
 {{- if .Values.keda.redis.passwordKey -}}
 {{- if or .Values.secrets.existingSecret (include "dfmod.redisPassword" .) -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether KEDA reads TLS material (CA, client certificate) from a Secret (renders "true" or nothing). */}}
+{{- define "dfmod.kedaTLSAuth" -}}
+{{- $tls := .Values.keda.redis.tls -}}
+{{- if or $tls.caKey $tls.certKey -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the Redis trigger needs a TriggerAuthentication (renders "true" or nothing). */}}
+{{- define "dfmod.kedaAuth" -}}
+{{- if eq .Values.keda.trigger "redis" -}}
+{{- if or (include "dfmod.kedaPasswordAuth" .) (include "dfmod.kedaTLSAuth" .) -}}
 true
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,400 @@
+"""The item lifecycle: states, allowed transitions, claims and every write of ``Item.status``.
+
+An item moves through four states::
+
+    (recorded) -> queued -> processing -> classified
+                    ^           |      \\-> failed
+                    |           v
+                    +------- queued     (a transient fault, or the sweep after a lost message)
+
+``queued`` and ``processing`` items can also fail for good once they used ``max_attempts`` deliveries
+(``too_many_attempts``), and a delivery of an item that already has the current model's verdict marks it
+``classified`` without work. ``classified`` and ``failed`` are final.
+
+This module is the only one that writes ``Item.status`` (a test scans the tree for others). Its callers:
+
+* the API's ingest routes: :func:`record_and_enqueue` (record -> commit -> enqueue);
+* the worker: :func:`claim_for_classification`, :func:`find_reusable_verdicts`, :func:`persist_results`,
+  :func:`release_claims`;
+* the sweep (a worker thread and ``dfmod sweep``): :func:`sweep_stuck_items`;
+* the review queue reads states but leases items through its own columns (``claimed_*``), with the same
+  :func:`skip_locked` claim.
+
+Recording is idempotent: the same (bucket, key, version) recorded twice returns the first item, so a
+duplicated S3 notification or a retried registration creates one item and one task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import Select, or_, select, tuple_, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dfmod import telemetry
+from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, new_id, session_scope, utcnow
+from dfmod.queue import enqueue
+from dfmod.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset({ItemStatus.classified, ItemStatus.failed})
+#: Every allowed move; anything else is a bug and raises :class:`IllegalTransition`.
+TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
+    ItemStatus.queued: frozenset({ItemStatus.queued, ItemStatus.processing, ItemStatus.classified, ItemStatus.failed}),
+    ItemStatus.processing: frozenset(
+        {ItemStatus.queued, ItemStatus.processing, ItemStatus.classified, ItemStatus.failed}
+    ),
+    ItemStatus.classified: frozenset(),
+    ItemStatus.failed: frozenset(),
+}
+TOO_MANY_ATTEMPTS = "too_many_attempts"
+# An item recorded this recently without ``enqueued_at`` is probably being enqueued by the API right now.
+_ENQUEUE_GRACE_S = 5
+
+
+class IllegalTransition(RuntimeError):
+    """A status change the lifecycle does not allow (e.g. a final item put back to work)."""
+
+
+def move(item: Item, to: ItemStatus, now: datetime | None = None) -> None:
+    """Set ``item.status`` to ``to`` if the lifecycle allows it; the one place a status is assigned."""
+    current = ItemStatus(item.status) if item.status is not None else None
+    if current is not None and to not in TRANSITIONS[current]:
+        raise IllegalTransition(f"item {item.id}: {current.value} -> {to.value} is not allowed")
+    item.status = to
+    item.updated_at = now or utcnow()
+
+
+def skip_locked(query: Select, session: Session) -> Select:
+    """Lock the selected rows, skipping rows another transaction holds (Postgres ``FOR UPDATE SKIP LOCKED``).
+
+    Two workers (or two sweeps, or two reviewers) claiming at once then split the rows instead of waiting
+    for each other or taking the same ones. SQLite serialises writers with its database lock instead.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
+
+
+def give_up_if_exhausted(item: Item, max_attempts: int, now: datetime | None = None) -> bool:
+    """The ``too_many_attempts`` rule: fail ``item`` for good once it used ``max_attempts`` deliveries."""
+    if item.attempts < max_attempts:
+        return False
+    move(item, ItemStatus.failed, now)
+    item.failure_reason = TOO_MANY_ATTEMPTS
+    item.failure_detail = f"gave up after {item.attempts} attempts"
+    telemetry.ITEM_FAILURES.labels(reason=TOO_MANY_ATTEMPTS).inc()
+    return True
+
+
+# --- recording and enqueueing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewItem:
+    bucket: str
+    key: str
+    version: str = ""
+    etag: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    source: str = "upload"
+    ingest: str = "upload"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    item: Item
+    created: bool
+    #: Another item already holds these bytes (same sha256): its verdict will be reused, not recomputed.
+    duplicate_of: str | None = None
+
+
+def record_items(session: Session, new_items: list[NewItem], find_duplicates: bool = True) -> list[Recorded]:
+    """Insert the items that are not there yet; return every item (new or existing) in input order.
+
+    With ``find_duplicates``, items whose bytes are known (uploads) name the earlier item with the same
+    sha256 in ``duplicate_of``: the worker will copy that item's verdict instead of classifying again.
+    """
+    if not new_items:
+        return []
+    now = utcnow()
+    proposed = {}
+    rows = []
+    for new in new_items:
+        identity = (new.bucket, new.key, new.version)
+        if identity in proposed:
+            continue
+        item_id = new_id()
+        proposed[identity] = item_id
+        rows.append(
+            {
+                "id": item_id, "bucket": new.bucket, "key": new.key, "version": new.version, "etag": new.etag,
+                "sha256": new.sha256, "size": new.size, "content_type": new.content_type, "source": new.source,
+                "ingest": new.ingest, "status": ItemStatus.queued, "attempts": 0, "created_at": now,
+                "updated_at": now,
+            }
+        )
+    insert_ignore(session, Item, rows, ["bucket", "key", "version"])
+    found = session.scalars(
+        select(Item).where(tuple_(Item.bucket, Item.key, Item.version).in_(list(proposed)))
+    ).all()
+    by_identity = {(item.bucket, item.key, item.version): item for item in found}
+    same_bytes = _first_items_by_sha(session, {i.sha256 for i in found if i.sha256}) if find_duplicates else {}
+    results = []
+    reported: set[tuple[str, str, str]] = set()
+    for new in new_items:
+        identity = (new.bucket, new.key, new.version)
+        item = by_identity[identity]
+        # Only the first mention of an object in this call counts as its creation.
+        created = item.id == proposed[identity] and identity not in reported
+        reported.add(identity)
+        first = same_bytes.get(item.sha256) if item.sha256 else None
+        results.append(Recorded(item, created, duplicate_of=first if first and first != item.id else None))
+    for created in (True, False):
+        count = sum(1 for result in results if result.created is created)
+        if count:
+            telemetry.ITEMS_INGESTED.labels(ingest=new_items[0].ingest, created=str(created).lower()).inc(count)
+    return results
+
+
+def _first_items_by_sha(session: Session, shas: set[str]) -> dict[str, str]:
+    """The earliest item holding each of ``shas`` (the one whose verdict identical bytes reuse)."""
+    if not shas:
+        return {}
+    rows = session.execute(
+        select(Item.sha256, Item.id).where(Item.sha256.in_(shas)).order_by(Item.created_at, Item.id)
+    ).all()
+    first: dict[str, str] = {}
+    for sha, item_id in rows:
+        first.setdefault(sha, item_id)
+    return first
+
+
+def enqueue_items(factory: sessionmaker[Session], app: Celery, settings: Settings, item_ids: list[str]) -> bool:
+    """Send tasks for committed items and stamp ``enqueued_at``.
+
+    A broker outage is not the caller's problem: the item is already in the database, still ``queued``
+    with no ``enqueued_at``, and the sweep sends it once the broker is back. Returns whether it was sent.
+    """
+    if not item_ids:
+        return True
+    try:
+        enqueue(app, settings, item_ids)
+    except Exception:  # noqa: BLE001 - the database is the source of truth; the sweep catches up
+        logger.warning("broker unavailable; %d item(s) left for the sweep", len(item_ids), exc_info=True)
+        telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
+        return False
+    with session_scope(factory) as session:
+        session.execute(update(Item).where(Item.id.in_(item_ids)).values(enqueued_at=utcnow()))
+    return True
+
+
+def record_and_enqueue(
+    session: Session, factory: sessionmaker[Session], app: Celery, settings: Settings, new_items: list[NewItem]
+) -> list[Recorded]:
+    """Record items, commit, then enqueue the newly created ones: what every ingest path does.
+
+    The commit comes first because a worker must find the item before it can find the task; the caller's
+    session stays usable afterwards (its transaction rule commits whatever else it adds).
+    """
+    recorded = record_items(session, new_items, find_duplicates=settings.reuse_verdicts)
+    session.commit()
+    enqueue_items(factory, app, settings, [r.item.id for r in recorded if r.created])
+    return recorded
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+
+
+def sweep_stuck_items(factory: sessionmaker[Session], app: Celery, settings: Settings, limit: int = 500) -> int:
+    """Re-enqueue items left ``queued`` or ``processing`` longer than ``stuck_after_s``.
+
+    Covers a lost broker message (Redis restarted, a worker died before its messages came back) and items
+    whose first enqueue failed. Items are claimed by bumping ``updated_at`` in the same transaction that
+    selects them (:func:`skip_locked`), so sweeps running in several workers don't pile up duplicate
+    tasks. Items past ``max_attempts`` fail for good instead.
+    """
+    cutoff = utcnow() - timedelta(seconds=settings.stuck_after_s)
+    with session_scope(factory) as session:
+        query = (
+            select(Item)
+            .where(
+                Item.status.in_([ItemStatus.queued, ItemStatus.processing]),
+                or_(Item.updated_at < cutoff, Item.enqueued_at.is_(None)),
+            )
+            .order_by(Item.updated_at)
+            .limit(limit)
+        )
+        stuck = session.scalars(skip_locked(query, session)).all()
+        now = utcnow()
+        to_enqueue = []
+        for item in stuck:
+            if item.enqueued_at is None and item.updated_at >= cutoff and item.status == ItemStatus.queued:
+                if (now - item.created_at).total_seconds() < _ENQUEUE_GRACE_S:
+                    continue
+            if give_up_if_exhausted(item, settings.max_attempts, now):
+                continue
+            move(item, ItemStatus.queued, now)
+            item.enqueued_at = now
+            to_enqueue.append(item.id)
+        if to_enqueue:
+            # Sent inside the transaction: if the broker is down the claim rolls back and the next sweep retries.
+            enqueue(app, settings, to_enqueue)
+    if to_enqueue:
+        telemetry.ITEMS_REQUEUED.inc(len(to_enqueue))
+        logger.info("sweep re-enqueued %d stuck item(s)", len(to_enqueue))
+    return len(to_enqueue)
+
+
+# --- the worker's side -----------------------------------------------------------------------------
+
+
+@dataclass
+class Claimed:
+    """An item a worker now holds (``processing``, one attempt counted)."""
+
+    id: str
+    bucket: str
+    key: str
+    sha256: str | None
+    enqueued_at: datetime | None
+    source: str = ""
+
+
+@dataclass
+class ClaimResult:
+    claimed: list[Claimed]
+    gave_up: list[str]  # failed for good by the too_many_attempts rule
+
+
+def claim_for_classification(
+    session: Session, item_ids: list[str], model_version: str, max_attempts: int
+) -> ClaimResult:
+    """Claim items for one batch: ``processing``, attempt counted; skip finished ones.
+
+    A redelivered task is a no-op: final items are skipped, and an item that already has this model's
+    verdict (persisted, then its worker died before acknowledging) is marked ``classified`` without work.
+    """
+    items = session.scalars(skip_locked(select(Item).where(Item.id.in_(item_ids)), session)).all()
+    already = set(
+        session.scalars(
+            select(Verdict.item_id).where(Verdict.item_id.in_(item_ids), Verdict.model_version == model_version)
+        )
+    )
+    now = utcnow()
+    result = ClaimResult([], [])
+    for item in items:
+        if item.status in FINAL_STATES:
+            continue
+        if item.id in already:
+            move(item, ItemStatus.classified, now)
+            continue
+        if give_up_if_exhausted(item, max_attempts, now):
+            result.gave_up.append(item.id)
+            continue
+        move(item, ItemStatus.processing, now)
+        item.attempts += 1
+        result.claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source))
+    return result
+
+
+def find_reusable_verdicts(session: Session, model_version: str, shas: set[str]) -> dict[str, tuple[float, str]]:
+    """sha256 -> (fake probability, item id) of the first verdict this model gave those bytes."""
+    if not shas:
+        return {}
+    rows = session.execute(
+        select(Verdict.sha256, Verdict.fake_probability, Verdict.item_id)
+        .where(Verdict.model_version == model_version, Verdict.sha256.in_(shas))
+        .order_by(Verdict.id)
+    ).all()
+    known: dict[str, tuple[float, str]] = {}
+    for sha, probability, item_id in rows:
+        known.setdefault(sha, (probability, item_id))
+    return known
+
+
+@dataclass(frozen=True)
+class VerdictData:
+    fake_probability: float
+    label: str
+    threshold: float
+    model_version: str
+    inference_ms: float | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    reused_from: str | None = None
+
+
+@dataclass
+class ItemResult:
+    """What one claimed item came to; exactly one of ``verdict``, ``failure`` and ``retry`` is set."""
+
+    item_id: str
+    sha256: str | None = None
+    size: int | None = None
+    verdict: VerdictData | None = None
+    failure: tuple[str, str] | None = None  # (reason, detail)
+    retry: str | None = None  # why it goes back to the queue
+
+
+def persist_results(session: Session, results: list[ItemResult]) -> None:
+    """Write verdicts (``ON CONFLICT DO NOTHING``) and the final status of each item, in one transaction."""
+    now = utcnow()
+    verdict_rows = [
+        {
+            "item_id": r.item_id, "label": r.verdict.label, "fake_probability": r.verdict.fake_probability,
+            "threshold": r.verdict.threshold, "model_version": r.verdict.model_version, "sha256": r.sha256,
+            "inference_ms": r.verdict.inference_ms, "batch_size": r.verdict.batch_size, "device": r.verdict.device,
+            "reused_from_item_id": r.verdict.reused_from, "created_at": now,
+        }
+        for r in results
+        if r.verdict is not None
+    ]
+    insert_ignore(session, Verdict, verdict_rows, ["item_id", "model_version"])
+    items = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_([r.item_id for r in results])))}
+    for result in results:
+        item = items.get(result.item_id)
+        if item is None or item.status in FINAL_STATES:  # deleted, or finished by another delivery meanwhile
+            continue
+        if result.sha256:
+            item.sha256 = result.sha256
+        if result.size is not None:
+            item.size = result.size
+        if result.verdict is not None:
+            move(item, ItemStatus.classified, now)
+            item.classified_at = now
+            item.failure_reason = item.failure_detail = None
+            # The newest verdict, copied for the reviewers' queries (dfmod.review).
+            item.score = result.verdict.fake_probability
+            item.label = result.verdict.label
+            item.threshold = result.verdict.threshold
+            item.model_version = result.verdict.model_version
+        elif result.failure is not None:
+            move(item, ItemStatus.failed, now)
+            item.failure_reason, detail = result.failure
+            item.failure_detail = detail[:2000]
+        elif result.retry is not None:
+            move(item, ItemStatus.queued, now)
+            item.failure_detail = f"retrying: {result.retry}"[:2000]
+            item.enqueued_at = now
+
+
+def release_claims(session: Session, item_ids: list[str], reason: str) -> list[str]:
+    """Put items a failed batch still holds (``processing``) back to ``queued``; returns their ids.
+
+    The attempt stays counted, so an item that keeps breaking its batch still ends ``too_many_attempts``.
+    """
+    now = utcnow()
+    released = []
+    for item in session.scalars(select(Item).where(Item.id.in_(item_ids), Item.status == ItemStatus.processing)):
+        move(item, ItemStatus.queued, now)
+        item.failure_detail = f"retrying: {reason}"[:2000]
+        item.enqueued_at = now
+        released.append(item.id)
+    return released

@@ -1,0 +1,143 @@
+"""Fault injectors for recovery tests, without touching the machine's shared Postgres and Redis.
+
+* :class:`TcpProxy` sits between a process and a service on loopback. ``drop()`` resets every open
+  connection and refuses new ones (what clients see while a database restarts), ``restore()`` listens
+  again on the same port; ``stall()`` keeps connections open but forwards nothing (a hung server).
+* :class:`PrivateRedis` is a ``redis-server`` of the test's own on a free port, restartable empty.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from dfmod.loopback import free_port, wait_for_port
+
+
+class TcpProxy:
+    """A byte-forwarding proxy 127.0.0.1:``port`` -> ``target_host``:``target_port``."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._stalled = threading.Event()
+        self.accepted = 0
+        self.restore()
+
+    def restore(self) -> None:
+        """Accept connections again (after :meth:`drop`) and forward bytes (after :meth:`stall`)."""
+        self._stalled.clear()
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def drop(self) -> None:
+        """Reset every open connection and refuse new ones, like a server that went down."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, set()
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone would not
+            except OSError:
+                pass
+            listener.close()
+        for sock in sockets:
+            try:
+                # SO_LINGER 0: close with RST, as a killed server's kernel would.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.close()
+            except OSError:
+                pass
+
+    def stall(self) -> None:
+        """Keep connections open but forward nothing, like a server that stopped answering."""
+        self._stalled.set()
+
+    def close(self) -> None:
+        self.drop()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by drop()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+                self.accepted += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self._stalled.is_set():
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class PrivateRedis:
+    """A ``redis-server`` on a free loopback port, without persistence: a restart comes back empty."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
