@@ -1,8 +1,10 @@
 """Who may call what: API-key authentication, scope checks and signed short-lived image links.
 
 Keys travel in ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, never in a URL (URLs end up in access
-logs). A missing or unknown key is 401, a key without the endpoint's scope is 403; rejections are logged
-with a fingerprint of the key (a SHA-256 prefix), never the key.
+logs). A missing or unknown key is 401 (so is a key of a disabled tenant), a key without the endpoint's scope is
+403; rejections are logged with a fingerprint of the key (a SHA-256 prefix), never the key. Which tenants'
+items a key may see is :class:`dfmod.tenants.Access`; an item outside them answers 404, as if it did not
+exist. Each authenticated request counts against the key's rate limit (:mod:`api.ratelimit`).
 
 Images are shown in ``<img>`` tags, which cannot send headers, so the API hands out links signed for one
 item, one variant and a few minutes: ``?exp=UNIX&kid=KEY_ID&sig=HMAC``. The HMAC key is the stored hash of
@@ -23,9 +25,11 @@ from fastapi import Depends, Request, status
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
+from api.ratelimit import READS, UPLOADS
 from dfmod.db import ApiKey
-from dfmod.errors import DfmodError
+from dfmod.errors import DfmodError, NotFound
 from dfmod.keys import authenticate, hash_key
+from dfmod.tenants import Access
 
 logger = logging.getLogger(__name__)
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="dfmod"'}
@@ -60,24 +64,44 @@ def _authenticate(request: Request, session: Session) -> ApiKey:
     return key
 
 
-def require(*scopes: str) -> Callable[..., ApiKey]:
-    """A dependency that returns the caller's key if it has any of ``scopes``."""
+def _check_scope(request: Request, key: ApiKey, scopes: tuple[str, ...]) -> None:
+    if not key.scope_set.intersection(scopes):
+        logger.info("key %r (scopes %s) refused on %s", key.name, key.scopes, request.url.path)
+        raise DfmodError(
+            f"key {key.name!r} has scopes [{key.scopes}]; this endpoint needs {' or '.join(scopes)}",
+            code="forbidden", http_status=status.HTTP_403_FORBIDDEN,
+        )
+
+
+def _rate_limit(request: Request, key: ApiKey, kind: str) -> None:
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        limiter.hit(kind, key.id)
+
+
+def require(*scopes: str, limit: str = READS) -> Callable[..., ApiKey]:
+    """A dependency that returns the caller's key if it has any of ``scopes``, counted against ``limit``."""
 
     def dependency(request: Request, session: SessionDep) -> ApiKey:
         key = _authenticate(request, session)
-        if not key.scope_set.intersection(scopes):
-            logger.info("key %r (scopes %s) refused on %s", key.name, key.scopes, request.url.path)
-            raise DfmodError(
-                f"key {key.name!r} has scopes [{key.scopes}]; this endpoint needs {' or '.join(scopes)}",
-                code="forbidden", http_status=status.HTTP_403_FORBIDDEN,
-            )
+        _check_scope(request, key, scopes)
+        _rate_limit(request, key, limit)
         return key
 
     dependency.__name__ = f"require_{'_or_'.join(scopes)}"
     return dependency
 
 
-IngestKey = Annotated[ApiKey, Depends(require("ingest"))]
+def access(key: ApiKey) -> Access:
+    return Access.of(key)
+
+
+def not_found(item_id: str) -> NotFound:
+    # The same answer whether the item does not exist or belongs to a tenant the key cannot see.
+    return NotFound(f"no item {item_id}")
+
+
+IngestKey = Annotated[ApiKey, Depends(require("ingest", limit=UPLOADS))]
 ReviewKey = Annotated[ApiKey, Depends(require("review"))]
 AdminKey = Annotated[ApiKey, Depends(require("admin"))]
 ReadKey = Annotated[ApiKey, Depends(require("ingest", "review"))]
@@ -113,6 +137,7 @@ def link_or_key(request: Request, session: Session, item_id: str, variant: str) 
     valid = (
         key is not None
         and key.revoked_at is None
+        and (key.tenant is None or key.tenant.disabled_at is None)
         and "review" in key.scope_set
         and expiry >= time.time()
         and hmac.compare_digest(_link_signature(key, item_id, variant, expiry), signature)
@@ -121,4 +146,5 @@ def link_or_key(request: Request, session: Session, item_id: str, variant: str) 
         raise DfmodError(
             "this image link is invalid or has expired", code="invalid_link", http_status=status.HTTP_403_FORBIDDEN
         )
+    _rate_limit(request, key, READS)
     return key

@@ -4,14 +4,15 @@ Every ingest path does the same three things and nothing more: validate cheaply 
 keys), record the item in the database (idempotently), enqueue its id. Classification happens in the
 workers; the API never loads the model.
 
-Uploads and registrations need a key with the ``ingest`` scope; reading an item's status needs ``ingest``
-or ``review``; S3 notifications authenticate with their own token (``DFMOD_S3_EVENT_TOKEN``).
+Uploads and registrations need a key with the ``ingest`` scope, and record into that key's tenant; reading
+an item's status needs ``ingest`` (own tenant) or ``review`` (the key's tenants). S3 notifications
+authenticate with their tenant's events token (``DFMOD_S3_EVENT_TOKEN`` is the default tenant's). A bucket
+belongs to one tenant: registrations and events naming another tenant's bucket are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import mimetypes
 import uuid
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from api.auth import IngestKey, ReadKey
+from api.auth import IngestKey, ReadKey, access, not_found
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
 from dfmod.db import Item
@@ -31,7 +32,8 @@ from dfmod.errors import DfmodError, NotFound
 from dfmod.imaging import probe_image
 from dfmod.db import session_scope
 from dfmod.lifecycle import NewItem, record_and_enqueue
-from dfmod.storage import ObjectTooLarge, StorageError, validate_key
+from dfmod.storage import BucketNotAllowed, ObjectTooLarge, StorageError, validate_key
+from dfmod.tenants import events_enabled, may_ingest, tenant_for_events_token
 
 router = APIRouter(prefix="/v1")
 
@@ -59,7 +61,7 @@ def _accepted_response(request: Request, recorded) -> JSONResponse:
 )
 def upload_image(
     request: Request,
-    _key: IngestKey,
+    key: IngestKey,
     settings: SettingsDep,
     session: SessionDep,
     storage: StorageDep,
@@ -72,14 +74,15 @@ def upload_image(
     probe = probe_image(data, limits)
     sha256 = hashlib.sha256(data).hexdigest()
     now = datetime.now(timezone.utc)
-    key = f"uploads/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{_EXTENSIONS.get(probe.format, 'bin')}"
-    info = storage.put(settings.upload_bucket, key, data, content_type=probe.mime)
+    object_key = f"uploads/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{_EXTENSIONS.get(probe.format, 'bin')}"
+    info = storage.put(settings.upload_bucket, object_key, data, content_type=probe.mime)
     [recorded] = record_and_enqueue(
         session, request.app.state.session_factory, celery, settings,
         [
             NewItem(
-                bucket=settings.upload_bucket, key=key, version=info.version_id or "", etag=info.etag, sha256=sha256,
-                size=len(data), content_type=probe.mime, source=source, ingest="upload",
+                bucket=settings.upload_bucket, key=object_key, version=info.version_id or "", etag=info.etag,
+                sha256=sha256, size=len(data), content_type=probe.mime, source=source, ingest="upload",
+                tenant_id=key.tenant_id,
             )
         ],
     )
@@ -94,9 +97,12 @@ def upload_image(
     summary="Classify an object already stored in a configured bucket",
 )
 def register_image(
-    request: Request, _key: IngestKey, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    request: Request, key: IngestKey, body: RegisterIn, settings: SettingsDep, session: SessionDep, storage: StorageDep,
     celery: CeleryDep,
 ):
+    # Checked before the object is looked at, so another tenant's bucket cannot even be probed.
+    if not may_ingest(request.app.state.buckets, key.tenant_id, body.bucket, body.key):
+        raise _bucket_not_allowed(body.bucket)
     validate_key(body.key)
     info = storage.head(body.bucket, body.key)
     if info.size > settings.max_upload_bytes:
@@ -107,26 +113,37 @@ def register_image(
             NewItem(
                 bucket=body.bucket, key=body.key, version=info.version_id or info.etag or "", etag=info.etag,
                 size=info.size, content_type=info.content_type or mimetypes.guess_type(body.key)[0],
-                source=body.source or "register", ingest="register",
+                source=body.source or "register", ingest="register", tenant_id=key.tenant_id,
             )
         ],
     )
+    if recorded.item.tenant_id != key.tenant_id:  # the object is another tenant's item already
+        raise _bucket_not_allowed(body.bucket)
     return _accepted_response(request, recorded)
 
 
-def _check_event_token(settings, authorization: str | None) -> None:
-    if settings.s3_event_token is None:
-        raise NotFound("set DFMOD_S3_EVENT_TOKEN to accept S3 events", code="events_disabled")
-    token = settings.s3_event_token.get_secret_value()
+def _bucket_not_allowed(bucket: str) -> BucketNotAllowed:
+    return BucketNotAllowed(f"bucket {bucket!r} is not one of this tenant's buckets")
+
+
+def _event_tenant(request: Request, settings, authorization: str | None) -> str:
+    """The tenant whose events token was presented (its id), or the 404/401 answer."""
     presented = (authorization or "").strip()
     # MinIO sends its auth_token verbatim, so accept both "Bearer TOKEN" and a bare "TOKEN".
     if presented.lower().startswith("bearer "):
         presented = presented[7:].strip()
-    if not presented or not hmac.compare_digest(presented.encode(), token.encode()):
-        raise DfmodError("missing or wrong event token", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED)
+    with session_scope(request.app.state.session_factory) as session:
+        tenant = tenant_for_events_token(session, settings, presented) if presented else None
+        if tenant is None and not events_enabled(session, settings):
+            raise NotFound(
+                "no events token is configured: set DFMOD_S3_EVENT_TOKEN or create a tenant", code="events_disabled"
+            )
+        if tenant is None:
+            raise DfmodError("missing or wrong event token", code="unauthorized", http_status=status.HTTP_401_UNAUTHORIZED)
+        return tenant.id
 
 
-def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordResult | None]:
+def _parse_record(request: Request, record: Any, tenant_id: str) -> tuple[NewItem | None, EventRecordResult | None]:
     """One notification record -> an item to record, or the reason it is ignored or rejected."""
     if not isinstance(record, dict):
         return None, EventRecordResult(status="rejected", reason="malformed_record")
@@ -142,7 +159,7 @@ def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordRes
     key = unquote_plus(raw_key)
     if not event_name.removeprefix("s3:").startswith("ObjectCreated:"):
         return None, EventRecordResult(bucket=bucket, key=key, status="ignored", reason=f"event {event_name or '?'}")
-    if bucket not in settings.readable_buckets:
+    if not may_ingest(request.app.state.buckets, tenant_id, bucket, key):
         return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason="bucket_not_allowed")
     try:
         validate_key(key)
@@ -156,7 +173,7 @@ def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordRes
         bucket=bucket, key=key, version=str(version_id or etag or ""), etag=etag,
         size=int(size) if isinstance(size, (int, float)) else None,
         content_type=obj.get("contentType") if isinstance(obj.get("contentType"), str) else None,
-        source=f"s3:{bucket}", ingest="s3-event",
+        source=f"s3:{bucket}", ingest="s3-event", tenant_id=tenant_id,
     )
     return new, None
 
@@ -170,7 +187,9 @@ def _parse_record(record: Any, settings) -> tuple[NewItem | None, EventRecordRes
 async def s3_events(
     request: Request, settings: SettingsDep, authorization: str | None = Header(None),
 ):
-    _check_event_token(settings, authorization)
+    from starlette.concurrency import run_in_threadpool
+
+    tenant_id = await run_in_threadpool(_event_tenant, request, settings, authorization)
     try:
         payload = await request.json()
     except ValueError as exc:
@@ -181,16 +200,14 @@ async def s3_events(
     if not isinstance(records, list) or not records:
         raise DfmodError("expected an S3 notification with Records[]", code="malformed_event")
     # Database and broker calls are blocking: run them off the event loop.
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(_record_events, request, settings, records)
+    return await run_in_threadpool(_record_events, request, settings, records, tenant_id)
 
 
-def _record_events(request: Request, settings, records: list) -> JSONResponse:
+def _record_events(request: Request, settings, records: list, tenant_id: str) -> JSONResponse:
     results: list[EventRecordResult | None] = []
     to_record: list[tuple[int, NewItem]] = []
     for index, record in enumerate(records):
-        new, result = _parse_record(record, settings)
+        new, result = _parse_record(request, record, tenant_id)
         results.append(result)
         if new is not None:
             to_record.append((index, new))
@@ -200,6 +217,9 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
             session, factory, request.app.state.celery, settings, [new for _, new in to_record]
         )
     for (index, new), rec in zip(to_record, recorded):
+        if rec.item.tenant_id != tenant_id:  # another tenant's item already: refuse, and name nothing
+            results[index] = EventRecordResult(bucket=new.bucket, key=new.key, status="rejected", reason="bucket_not_allowed")
+            continue
         results[index] = EventRecordResult(
             bucket=new.bucket, key=new.key, id=rec.item.id, status="accepted" if rec.created else "duplicate"
         )
@@ -217,8 +237,8 @@ def _record_events(request: Request, settings, records: list) -> JSONResponse:
 
 
 @router.get("/images/{item_id}", response_model=ItemOut, responses={404: {}}, summary="An item's status and verdict")
-def get_image(item_id: str, _key: ReadKey, session: SessionDep) -> ItemOut:
+def get_image(item_id: str, key: ReadKey, session: SessionDep) -> ItemOut:
     item = session.scalars(select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts))).first()
-    if item is None:
-        raise NotFound(f"no item {item_id}")
+    if item is None or not access(key).can_read(item.tenant_id):
+        raise not_found(item_id)
     return ItemOut.of(item)

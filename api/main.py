@@ -21,8 +21,9 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
-from api import admin_routes, ingest_routes, review_routes
+from api import admin_routes, ingest_routes, review_routes, tenant_routes
 from api.errors import install_error_handlers
+from api.ratelimit import RateLimiter
 
 from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
@@ -30,6 +31,7 @@ from dfmod.queue import make_celery
 from dfmod.queue_depth import QueueDepthCollector
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
+from dfmod.tenants import BucketDirectory
 
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -58,8 +60,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     app.state.session_factory = make_session_factory(app.state.engine)
+    app.state.buckets = BucketDirectory(settings, app.state.session_factory)
     app.state.storage = make_storage(settings.for_api())
+    app.state.storage.bucket_allowed = app.state.buckets.readable
     app.state.celery = make_celery(settings)
+    app.state.rate_limiter = RateLimiter(settings)
     app.state.heatmaps_requested = {}
     # Per app, not the global registry: the queue depth is read from this app's broker at scrape time.
     app.state.broker_metrics = CollectorRegistry(auto_describe=False)
@@ -69,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ingest_routes.router)
     app.include_router(review_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(tenant_routes.router)
     app.mount("/review/static", StaticFiles(directory=REVIEW_PAGE), name="review-static")
 
     @app.get("/favicon.ico", include_in_schema=False)

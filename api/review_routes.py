@@ -1,5 +1,6 @@
 """Reviewer endpoints: item queries, item detail with images and heatmaps, decisions, the claimable review
-queue and statistics. All need a key with the ``review`` scope (images also accept a signed link).
+queue and statistics. All need a key with the ``review`` scope (images also accept a signed link), and all
+see only the items of the key's tenants (:class:`dfmod.tenants.Access`): another tenant's item is a 404.
 
 The database work lives in :mod:`dfmod.review`; this module validates input and, once a decision has
 committed, enqueues its callback event. Errors raised below are rendered by :mod:`api.errors`.
@@ -10,28 +11,31 @@ from __future__ import annotations
 import io
 import time
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from api.auth import ReviewKey, link_or_key, signed_link
+from api.auth import ReviewKey, access, link_or_key, not_found, require, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, after_commit
 from api.schemas import (
     ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
-from dfmod.db import ApiKey, Item, ItemStatus
+from dfmod.db import ApiKey, Item, ItemStatus, Tenant
 from dfmod.errors import Conflict, DfmodError, NotFound, Unavailable
 from dfmod.imaging import decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
 from dfmod.storage import ObjectNotFound, heatmap_key
+from dfmod.tenants import has_callback
 
 router = APIRouter(prefix="/v1")
+# An admin key may retract any decision of any tenant, without being a reviewer.
+RetractKey = Annotated[ApiKey, Depends(require("review", "admin"))]
 
 THUMBNAIL_SIDE = 256
 # A reviewer's page polls for a pending heatmap; one task per item per this many seconds is plenty.
@@ -61,13 +65,24 @@ def _summary(request: Request, key: ApiKey, item: Item, ttl_s: int) -> ItemSumma
     return ItemSummary.of(item, thumbnail)
 
 
-def _load_item(session, item_id: str) -> Item:
+def _load_item(session, item_id: str, key: ApiKey) -> Item:
     item = session.scalars(
         select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts), selectinload(Item.reviews))
     ).first()
-    if item is None:
-        raise NotFound(f"no item {item_id}")
+    if item is None or not access(key).can_review(item.tenant_id):
+        raise not_found(item_id)
     return item
+
+
+def _visible_item(session, item_id: str, key: ApiKey) -> Item:
+    item = session.get(Item, item_id)
+    if item is None or not access(key).can_review(item.tenant_id):
+        raise not_found(item_id)
+    return item
+
+
+def _wants_callback(session, settings, item: Item) -> bool:
+    return has_callback(session.get(Tenant, item.tenant_id), settings, item.source)
 
 
 def _detail(request: Request, key: ApiKey, item: Item, ttl_s: int) -> ItemDetail:
@@ -116,14 +131,16 @@ def list_items(
         label=label, status=status_, min_score=min_score, max_score=max_score, model_version=model_version,
         source=source, reviewed=reviewed, decision=decision, since=_utc(since), until=_utc(until), in_review=in_review,
     )
-    items, next_cursor = reviews.list_items(session, filters, order, limit, cursor, band=settings.review_band)
+    items, next_cursor = reviews.list_items(
+        session, filters, order, limit, cursor, band=settings.review_band, visible=access(key).review_filter()
+    )
     ttl = settings.image_link_ttl_s
     return ItemPage(items=[_summary(request, key, item, ttl) for item in items], next_cursor=next_cursor)
 
 
 @router.get("/items/{item_id}", response_model=ItemDetail, summary="An item with every verdict, review and image link")
 def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
-    return _detail(request, key, _load_item(session, item_id), settings.image_link_ttl_s)
+    return _detail(request, key, _load_item(session, item_id, key), settings.image_link_ttl_s)
 
 
 @router.get(
@@ -134,10 +151,7 @@ def item_image(
     item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     variant: Literal["thumb", "full"] = Query("full"),
 ) -> Response:
-    link_or_key(request, session, item_id, variant)
-    item = session.get(Item, item_id)
-    if item is None:
-        raise NotFound(f"no item {item_id}")
+    item = _visible_item(session, item_id, link_or_key(request, session, item_id, variant))
     data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     limits = settings.image_limits
     if variant == "full":
@@ -157,10 +171,7 @@ def item_heatmap(
     item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     celery: CeleryDep, model_version: str | None = Query(None, max_length=128),
 ) -> Response:
-    link_or_key(request, session, item_id, "heatmap")
-    item = session.get(Item, item_id)
-    if item is None:
-        raise NotFound(f"no item {item_id}")
+    item = _visible_item(session, item_id, link_or_key(request, session, item_id, "heatmap"))
     version = model_version or item.model_version
     if version is None:
         raise Conflict(f"item {item_id} has no verdict yet", code="not_classified")
@@ -192,8 +203,10 @@ def add_review(
     item_id: str, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     idempotency_key: str | None = Header(None, max_length=64),
 ):
-    review, created = reviews.record_review(session, item_id, key, body.decision, body.note, idempotency_key)
-    if created and settings.callback_url_for(review.item.source):
+    review, created = reviews.record_review(
+        session, item_id, key, body.decision, body.note, idempotency_key, visible=access(key).review_filter()
+    )
+    if created and _wants_callback(session, settings, review.item):
         # The delivery task must find the review: send it once the request's transaction has committed.
         after_commit(session, lambda: enqueue_events(celery, settings, [(EVENT_REVIEW, item_id, str(review.id))]))
     out = ReviewOut.of(review)
@@ -202,14 +215,17 @@ def add_review(
 
 @router.post(
     "/items/{item_id}/reviews/{review_id}/retract", response_model=ReviewOut, status_code=status.HTTP_201_CREATED,
-    responses={404: {}, 409: {}}, summary="Undo the item's current decision (appends a retraction)",
+    responses={403: {}, 404: {}, 409: {}},
+    summary="Undo the item's current decision (appends a retraction); by its author or an admin key",
 )
 def retract_review(
-    item_id: str, review_id: int, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: str, review_id: int, key: RetractKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     body: RetractIn | None = None,
 ) -> ReviewOut:
-    retraction = reviews.retract_review(session, item_id, review_id, key, body.note if body else None)
-    if settings.callback_url_for(retraction.item.source):
+    retraction = reviews.retract_review(
+        session, item_id, review_id, key, body.note if body else None, visible=access(key).review_filter()
+    )
+    if _wants_callback(session, settings, retraction.item):
         after_commit(
             session, lambda: enqueue_events(celery, settings, [(EVENT_RETRACTION, item_id, str(retraction.id))])
         )
@@ -219,7 +235,9 @@ def retract_review(
 @router.post("/queue/claim", response_model=ClaimOut, summary="Lease the next unreviewed flagged items, highest score first")
 def claim(request: Request, body: ClaimIn, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ClaimOut:
     limit = min(body.limit, settings.claim_max)
-    items = reviews.claim_items(session, key, limit, settings.claim_lease_s, settings.review_band)
+    items = reviews.claim_items(
+        session, key, limit, settings.claim_lease_s, settings.review_band, visible=access(key).review_filter()
+    )
     ttl = settings.image_link_ttl_s
     return ClaimOut(
         items=[_summary(request, key, item, ttl) for item in items], lease_s=settings.claim_lease_s,
@@ -238,4 +256,4 @@ def stats(
     since: datetime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
     until: datetime | None = Query(None, description="Items created before."),
 ) -> dict:
-    return reviews.stats(session, settings.review_band, _utc(since), _utc(until))
+    return reviews.stats(session, settings.review_band, _utc(since), _utc(until), visible=access(key).review_filter())

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from dfmod.db import ApiKey, Item, Review, Verdict
+from dfmod.db import ApiKey, Item, Review, Tenant, Verdict
 
 
 class VerdictOut(BaseModel):
@@ -199,6 +199,10 @@ class ReleaseIn(BaseModel):
 class KeyIn(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     scopes: list[Literal["ingest", "review", "admin"]] = Field(min_length=1)
+    tenants: list[str] = Field(
+        default_factory=list, max_length=100,
+        description="Tenant names or ids: an ingest key's one tenant (default: default); a review key's tenants (none: global).",
+    )
 
 
 class KeyOut(BaseModel):
@@ -206,6 +210,8 @@ class KeyOut(BaseModel):
     name: str
     prefix: str = Field(description="The key's first characters, to recognise it; the key itself is never shown again.")
     scopes: list[str]
+    tenant: str | None = Field(None, description="The tenant an ingest key records into (null: a global key).")
+    tenants: list[str] = Field(default_factory=list, description="The tenants the key may review (empty: all).")
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
@@ -213,7 +219,9 @@ class KeyOut(BaseModel):
     @classmethod
     def of(cls, key: ApiKey) -> "KeyOut":
         return cls(
-            id=key.id, name=key.name, prefix=key.prefix, scopes=sorted(key.scope_set), created_at=key.created_at,
+            id=key.id, name=key.name, prefix=key.prefix, scopes=sorted(key.scope_set),
+            tenant=key.tenant.name if key.tenant is not None else None,
+            tenants=[tenant.name for tenant in key.review_tenants], created_at=key.created_at,
             last_used_at=key.last_used_at, revoked_at=key.revoked_at,
         )
 
@@ -226,3 +234,60 @@ class WhoAmI(BaseModel):
     id: str
     name: str
     scopes: list[str]
+    tenant: str | None = None
+    tenants: list[str] = Field(default_factory=list, description="Tenants this key may review (empty: all).")
+
+
+# --- tenants ---------------------------------------------------------------------------------------
+
+
+class TenantIn(BaseModel):
+    name: str = Field(min_length=1, max_length=64, description="a-z 0-9 . _ -")
+    callback_url: str | None = Field(None, max_length=2048)
+    buckets: list[str] = Field(default_factory=list, max_length=100)
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    review_band: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class TenantPatch(BaseModel):
+    """Only the fields sent change; send null to clear a callback URL, threshold or band."""
+
+    callback_url: str | None = Field(None, max_length=2048)
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    review_band: float | None = Field(None, ge=0.0, le=1.0)
+    add_buckets: list[str] = Field(default_factory=list, max_length=100)
+    remove_buckets: list[str] = Field(default_factory=list, max_length=100)
+    enabled: bool | None = None
+
+
+class RotateSecretIn(BaseModel):
+    overlap_s: int = Field(86400, ge=0, le=30 * 86400, description="How long the previous secret keeps signing too.")
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    callback_url: str | None = None
+    has_callback_secret: bool
+    previous_secret_until: datetime | None = Field(None, description="End of a rotation's overlap (two signatures).")
+    has_events_token: bool
+    buckets: list[str]
+    threshold: float | None = None
+    review_band: float | None = None
+    created_at: datetime
+    disabled_at: datetime | None = None
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> "TenantOut":
+        return cls(
+            id=tenant.id, name=tenant.name, callback_url=tenant.callback_url,
+            has_callback_secret=tenant.callback_secret_encrypted is not None,
+            previous_secret_until=tenant.previous_secret_until, has_events_token=tenant.events_token_hash is not None,
+            buckets=[row.bucket for row in tenant.buckets], threshold=tenant.threshold, review_band=tenant.review_band,
+            created_at=tenant.created_at, disabled_at=tenant.disabled_at,
+        )
+
+
+class TenantCreated(TenantOut):
+    events_token: str | None = Field(None, description="Bearer token of the tenant's S3 notifications. Shown once.")
+    callback_secret: str | None = Field(None, description="HMAC key of the tenant's callbacks. Shown once.")

@@ -6,11 +6,15 @@ Two kinds of event: ``verdict.created`` (the worker wrote a verdict) and ``revie
 runs, POSTs it, records the attempt in ``callback_deliveries`` and tells the task whether to retry.
 
 Signature, in the ``X-Dfmod-Signature`` header: ``t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``.
-A receiver recomputes the HMAC over the raw body and rejects stale timestamps (see :func:`verify_signature`).
-Each event has a stable id (``X-Dfmod-Event-Id`` and ``id`` in the body), identical across retries, so
-receivers can drop duplicates.
+While a tenant rotates its secret, the header carries one ``v1=`` per valid secret (current first, then the
+previous one until its overlap ends): ``t=...,v1=<current>,v1=<previous>``. A receiver recomputes the HMAC
+over the raw body with the secret it holds, accepts the event if any ``v1`` matches, and rejects stale
+timestamps (see :func:`verify_signature`). Each event has a stable id (``X-Dfmod-Event-Id`` and ``id`` in the
+body), identical across retries, so receivers can drop duplicates.
 
-Only configured URLs are ever called: ``callback_urls[item.source]``, else ``callback_url``.
+Only the item's own tenant's URL is ever called, signed with that tenant's secrets
+(:func:`dfmod.tenants.callback_target`); the default tenant falls back to ``DFMOD_CALLBACK_URL(S)`` and
+``DFMOD_CALLBACK_SECRET``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import telemetry
-from dfmod.db import CallbackDelivery, Item, Review, Verdict, session_scope, utcnow
+from dfmod.db import CallbackDelivery, Item, Review, Tenant, Verdict, session_scope, utcnow
 from dfmod.queue import CALLBACK_TASK, send_events
 from dfmod.settings import Settings
 
@@ -50,23 +54,35 @@ def event_id(event_type: str, item_id: str, ref: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{event_type}:{item_id}:{ref}"))
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def _digest(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str | tuple[str, ...] | list[str], timestamp: int, body: bytes) -> str:
+    """The signature header: one ``v1`` per secret (several while a rotation's overlap lasts)."""
+    signing = [secret] if isinstance(secret, str) else list(secret)
+    return ",".join([f"t={timestamp}", *(f"v1={_digest(one, timestamp, body)}" for one in signing)])
 
 
 def verify_signature(secret: str, header: str, body: bytes, tolerance_s: int = 300, now: float | None = None) -> bool:
-    """What a receiver does: recompute the HMAC over the raw body and check the timestamp is fresh."""
-    try:
-        parts = dict(part.split("=", 1) for part in header.split(","))
-        timestamp = int(parts["t"])
-        presented = parts["v1"]
-    except (ValueError, KeyError):
+    """What a receiver does: recompute the HMAC over the raw body, accept if any ``v1`` matches, check freshness."""
+    timestamp = None
+    presented = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t":
+            try:
+                timestamp = int(value)
+            except ValueError:
+                return False
+        elif name == "v1" and value:
+            presented.append(value)
+    if timestamp is None or not presented:
         return False
     if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
         return False
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, presented)
+    expected = _digest(secret, timestamp, body)
+    return any(hmac.compare_digest(expected, value) for value in presented)
 
 
 def backoff_s(attempt: int, settings: Settings) -> float:
@@ -82,7 +98,8 @@ def backoff_s(attempt: int, settings: Settings) -> float:
 
 def enqueue_events(app: Celery | None, settings: Settings, events: list[tuple[str, str, str]]) -> int:
     """Send delivery tasks for (event type, item id, ref) triples; never raises (a lost event is logged)."""
-    if not events or app is None or not settings.callbacks_enabled:
+    # Callers send only events whose item's tenant has a callback (dfmod.tenants.has_callback).
+    if not events or app is None:
         return 0
     try:
         return send_events(app, settings, CALLBACK_TASK, [list(event) for event in events])
@@ -144,11 +161,17 @@ def deliver(
     """Make delivery attempt number ``attempt`` of one event and record it; says whether to retry."""
     import httpx
 
+    from dfmod.tenants import callback_target, secret_box
+
     with session_scope(factory) as session:
         item = session.get(Item, item_id)
-        url = settings.callback_url_for(item.source) if item is not None else None
-        if url is None:
+        target = None
+        if item is not None:
+            tenant = session.get(Tenant, item.tenant_id)
+            target = callback_target(tenant, settings, secret_box(settings) if tenant.callback_url else None, item.source)
+        if target is None:
             return DeliveryResult(retry=False, skipped="no callback URL for this item")
+        url = target.url
         eid = event_id(event_type, item_id, ref)
         if session.scalar(
             select(CallbackDelivery.id).where(
@@ -162,14 +185,13 @@ def deliver(
         return DeliveryResult(retry=False, skipped="event subject no longer exists")
 
     body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
-    secret = settings.callback_secret.get_secret_value() if settings.callback_secret else ""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "dfmod-callbacks/1",
         "X-Dfmod-Event": event_type,
         "X-Dfmod-Event-Id": eid,
         "X-Dfmod-Attempt": str(attempt),
-        SIGNATURE_HEADER: sign(secret, int(time.time()), body),
+        SIGNATURE_HEADER: sign(target.secrets, int(time.time()), body),
     }
     started = time.perf_counter()
     result = DeliveryResult(retry=False)

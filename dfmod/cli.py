@@ -148,6 +148,11 @@ def _key_session():
 def keys_create(
     name: str = typer.Option(..., "--name", help="Who or what holds the key; reviews are signed with it."),
     scope: list[str] = typer.Option(..., "--scope", help="ingest, review or admin; repeat for several."),
+    tenant: list[str] = typer.Option(
+        [], "--tenant",
+        help="Tenant name or id: an ingest key's one tenant (default: default); repeat to limit a review key "
+        "to several tenants (none: it reviews every tenant).",
+    ),
 ) -> None:
     """Create a key and print it. It is shown this once: only its hash is stored."""
     from dfmod.keys import KeyProblem, create_key
@@ -155,8 +160,12 @@ def keys_create(
     engine, scope_ctx = _key_session()
     try:
         with scope_ctx as session:
-            created = create_key(session, name, [part for value in scope for part in value.split(",")])
-            summary = f"created key {created.key.name!r} (id {created.key.id}, scopes {created.key.scopes})"
+            created = create_key(session, name, [part for value in scope for part in value.split(",")], tenant)
+            tenants_text = ",".join(t.name for t in created.key.review_tenants) or "all"
+            summary = (
+                f"created key {created.key.name!r} (id {created.key.id}, scopes {created.key.scopes}, "
+                f"tenants {tenants_text})"
+            )
     except KeyProblem as exc:
         _fail(str(exc))
     finally:
@@ -174,14 +183,18 @@ def keys_list(all_keys: bool = typer.Option(False, "--all", help="Include revoke
     try:
         with scope_ctx as session:
             rows = [
-                (k.id, k.name, k.scopes, k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
+                (k.id, k.name, k.scopes, ",".join(t.name for t in k.review_tenants) or "all",
+                 k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
                  f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never",
                  f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active")
                 for k in list_keys(session, include_revoked=all_keys)
             ]
     finally:
         engine.dispose()
-    header = ("ID", "NAME", "SCOPES", "PREFIX", "CREATED", "LAST USED", "STATE")
+    _table(("ID", "NAME", "SCOPES", "TENANTS", "PREFIX", "CREATED", "LAST USED", "STATE"), rows)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
@@ -202,6 +215,144 @@ def keys_revoke(name_or_id: str = typer.Argument(..., help="The key's id or name
     finally:
         engine.dispose()
     typer.echo(message)
+
+
+tenants_app = typer.Typer(
+    help="Tenants (the platforms dfmod serves): create, list, update, disable, rotate their secrets.",
+    no_args_is_help=True,
+)
+app.add_typer(tenants_app, name="tenants")
+
+
+def _tenant_command(action):
+    """Run ``action(session, settings)`` in one transaction; a TenantProblem is a clean error."""
+    from dfmod.tenants import TenantProblem
+
+    settings = _settings()
+    engine, scope_ctx = _key_session()
+    try:
+        with scope_ctx as session:
+            return action(session, settings)
+    except TenantProblem as exc:
+        _fail(exc.message)
+    finally:
+        engine.dispose()
+
+
+def _echo_tenant(tenant) -> None:
+    buckets = ",".join(row.bucket for row in tenant.buckets) or "-"
+    typer.echo(
+        f"tenant {tenant.name} (id {tenant.id}): callback {tenant.callback_url or '-'}, buckets {buckets}, "
+        f"threshold {tenant.threshold if tenant.threshold is not None else 'model'}, "
+        f"review band {tenant.review_band if tenant.review_band is not None else 'default'}"
+        + (f", disabled {tenant.disabled_at:%Y-%m-%d %H:%M}" if tenant.disabled_at else ""),
+        err=True,
+    )
+
+
+def _echo_secrets(made) -> None:
+    # Secrets go to stdout (pipeable), once; everything else to stderr.
+    if made.events_token:
+        typer.echo(f"events token:    {made.events_token}")
+    if made.callback_secret:
+        typer.echo(f"callback secret: {made.callback_secret}")
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: str = typer.Option(..., "--name", help="The platform's name (a-z 0-9 . _ -)."),
+    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
+    bucket: list[str] = typer.Option([], "--bucket", help="A bucket of its own (repeat); a bucket has one tenant."),
+    threshold: Optional[float] = typer.Option(None, help="Its decision threshold (default: the model's)."),
+    review_band: Optional[float] = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
+) -> None:
+    """Create a tenant; prints its events token and callback secret, shown this once."""
+    from dfmod import tenants
+
+    def action(session, settings):
+        made = tenants.create_tenant(
+            session, tenants.secret_box(settings), name, callback_url, bucket, threshold, review_band
+        )
+        _echo_tenant(made.tenant)
+        _echo_secrets(made)
+
+    _tenant_command(action)
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """List tenants: name, id, callback URL, buckets, state (never their secrets)."""
+    from dfmod import tenants
+
+    def action(session, _settings):
+        rows = [
+            (t.name, t.id, t.callback_url or "-", ",".join(b.bucket for b in t.buckets) or "-",
+             "events token" if t.events_token_hash else "-",
+             f"disabled {t.disabled_at:%Y-%m-%d %H:%M}" if t.disabled_at else "active")
+            for t in tenants.list_tenants(session)
+        ]
+        _table(("NAME", "ID", "CALLBACK", "BUCKETS", "EVENTS", "STATE"), rows)
+
+    _tenant_command(action)
+
+
+@tenants_app.command("update")
+def tenants_update(
+    name: str = typer.Argument(..., help="The tenant's name or id."),
+    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
+    add_bucket: list[str] = typer.Option([], "--add-bucket", help="Give it a bucket (repeat)."),
+    remove_bucket: list[str] = typer.Option([], "--remove-bucket", help="Take a bucket away (repeat)."),
+    threshold: Optional[float] = typer.Option(None, help="Its decision threshold."),
+    review_band: Optional[float] = typer.Option(None, help="Its review band."),
+    enable: bool = typer.Option(False, "--enable", help="Enable a disabled tenant."),
+    rotate_callback_secret: bool = typer.Option(
+        False, "--rotate-callback-secret", help="New callback secret (printed once); the old one signs too during --overlap."
+    ),
+    overlap: int = typer.Option(86400, help="Seconds the previous callback secret stays valid after a rotation."),
+    rotate_events_token: bool = typer.Option(False, "--rotate-events-token", help="New events token (printed once)."),
+) -> None:
+    """Change a tenant; rotate its callback secret or events token."""
+    from dfmod import tenants
+
+    def action(session, settings):
+        tenant = tenants.get_tenant(session, name)
+        changes = {}
+        if callback_url is not None:
+            changes["callback_url"] = callback_url
+        if threshold is not None:
+            changes["threshold"] = threshold
+        if review_band is not None:
+            changes["review_band"] = review_band
+        tenants.update_tenant(
+            session, tenant, add_buckets=add_bucket, remove_buckets=remove_bucket, enabled=True if enable else None,
+            **changes,
+        )
+        if rotate_callback_secret:
+            _echo_secrets(tenants.rotate_callback_secret(session, tenants.secret_box(settings), tenant, overlap))
+        if rotate_events_token:
+            _echo_secrets(tenants.rotate_events_token(session, tenant))
+        _echo_tenant(tenant)
+
+    _tenant_command(action)
+
+
+@tenants_app.command("disable")
+def tenants_disable(name: str = typer.Argument(..., help="The tenant's name or id.")) -> None:
+    """Disable a tenant: its keys and events token get 401 from now on; its items stay."""
+    from dfmod import tenants
+
+    def action(session, _settings):
+        _echo_tenant(tenants.disable_tenant(session, tenants.get_tenant(session, name)))
+
+    _tenant_command(action)
+
+
+@tenants_app.command("secret-key")
+def tenants_secret_key() -> None:
+    """Print a new random DFMOD_SECRET_KEY (the key that encrypts tenants' callback secrets)."""
+    from dfmod.tenants import generate_secret_key
+
+    typer.echo(generate_secret_key())
 
 
 @app.command()
@@ -266,17 +417,18 @@ def up(
 
 
 def _up_key(settings) -> str:
-    """A key with every scope for this run of ``dfmod up``, printed like a notebook server's token.
+    """A key with every scope for this run of ``dfmod up`` (ingesting into the default tenant, admin of all),
+    printed like a notebook server's token.
 
     The previous run's key is revoked: a key printed to a terminal should not outlive the process.
     """
-    from dfmod.db import make_engine, make_session_factory, session_scope
+    from dfmod.db import DEFAULT_TENANT_ID, make_engine, make_session_factory, session_scope
     from dfmod.keys import SCOPES, rotate_key
 
     engine = make_engine(settings.resolved_database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            return rotate_key(session, "dfmod-up", SCOPES).plaintext
+            return rotate_key(session, "dfmod-up", SCOPES, [DEFAULT_TENANT_ID]).plaintext
     finally:
         engine.dispose()
 

@@ -1,4 +1,5 @@
-"""Database models and sessions: the source of truth for every item, verdict, review, API key and callback.
+"""Database models and sessions: the source of truth for every tenant, item, verdict, review, API key and
+callback.
 
 The queue only carries item ids; what an item is, where its bytes live and what the model said about it
 lives here. Writes are idempotent by construction: an item is unique on (bucket, key, version) and a
@@ -81,6 +82,65 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+# The tenant that migration 0003 moves an existing deployment onto, and that the DFMOD_CALLBACK_* and
+# DFMOD_S3_EVENT_TOKEN settings configure. A fixed id, so every process can name it without a lookup.
+DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"
+DEFAULT_TENANT_NAME = "default"
+
+
+class Tenant(Base):
+    """A platform that dfmod serves: its items, keys, buckets, events token and callback are its own.
+
+    Callback secrets are stored encrypted with ``DFMOD_SECRET_KEY`` (Fernet), so a database dump alone cannot
+    sign a callback. During a rotation the previous secret stays valid until ``previous_secret_until`` and
+    callbacks carry both signatures. The events token is stored as its SHA-256 (like API keys).
+    """
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    callback_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    previous_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    events_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    review_band: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    buckets: Mapped[list["TenantBucket"]] = relationship(
+        back_populates="tenant", order_by="TenantBucket.bucket", cascade="all, delete-orphan"
+    )
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+
+class TenantBucket(Base):
+    """A bucket whose objects a tenant may register or be notified about; a bucket belongs to one tenant."""
+
+    __tablename__ = "tenant_buckets"
+
+    bucket: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="buckets")
+
+
+class ApiKeyTenant(Base):
+    """The tenants a key may review; a key with none is global (see dfmod.tenants.Access)."""
+
+    __tablename__ = "api_key_tenants"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+
+
 class ItemStatus(str, enum.Enum):
     queued = "queued"
     processing = "processing"
@@ -99,9 +159,11 @@ class Item(Base):
         Index("ix_items_created", "created_at", "id"),
         Index("ix_items_score", "score", "id"),
         Index("ix_items_decision_score", "decision", "score"),
+        Index("ix_items_tenant_created", "tenant_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), default=DEFAULT_TENANT_ID)
     bucket: Mapped[str] = mapped_column(String(255))
     key: Mapped[str] = mapped_column(String(1024))
     # S3 version id, else the ETag, else "": one item per distinct object version, so a re-upload under the
@@ -187,12 +249,17 @@ class ApiKey(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(255))
+    # The tenant an ingest key records items into; None for global (admin, review) keys.
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     scopes: Mapped[str] = mapped_column(String(255))  # comma-separated, sorted
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    tenant: Mapped[Tenant | None] = relationship(lazy="joined")
+    review_tenants: Mapped[list[Tenant]] = relationship(secondary="api_key_tenants", lazy="selectin", order_by="Tenant.name")
 
     @property
     def scope_set(self) -> frozenset[str]:

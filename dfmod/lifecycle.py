@@ -35,7 +35,7 @@ from sqlalchemy import Select, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod import telemetry
-from dfmod.db import Item, ItemStatus, Verdict, insert_ignore, new_id, session_scope, utcnow
+from dfmod.db import DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, insert_ignore, new_id, session_scope, utcnow
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 
@@ -105,21 +105,24 @@ class NewItem:
     content_type: str | None = None
     source: str = "upload"
     ingest: str = "upload"
+    tenant_id: str = DEFAULT_TENANT_ID
 
 
 @dataclass(frozen=True)
 class Recorded:
     item: Item
     created: bool
-    #: Another item already holds these bytes (same sha256): its verdict will be reused, not recomputed.
+    #: Another item of the same tenant already holds these bytes (same sha256): its verdict will be reused.
     duplicate_of: str | None = None
 
 
 def record_items(session: Session, new_items: list[NewItem], find_duplicates: bool = True) -> list[Recorded]:
     """Insert the items that are not there yet; return every item (new or existing) in input order.
 
-    With ``find_duplicates``, items whose bytes are known (uploads) name the earlier item with the same
-    sha256 in ``duplicate_of``: the worker will copy that item's verdict instead of classifying again.
+    With ``find_duplicates``, items whose bytes are known (uploads) name the earlier item of their tenant with
+    the same sha256 in ``duplicate_of``: the worker will copy that item's verdict instead of classifying
+    again. Another tenant's item is never named. An existing item may belong to another tenant than the one
+    asking (an object named by two tenants): callers compare ``item.tenant_id`` and refuse rather than show it.
     """
     if not new_items:
         return []
@@ -134,7 +137,7 @@ def record_items(session: Session, new_items: list[NewItem], find_duplicates: bo
         proposed[identity] = item_id
         rows.append(
             {
-                "id": item_id, "bucket": new.bucket, "key": new.key, "version": new.version, "etag": new.etag,
+                "id": item_id, "tenant_id": new.tenant_id, "bucket": new.bucket, "key": new.key, "version": new.version, "etag": new.etag,
                 "sha256": new.sha256, "size": new.size, "content_type": new.content_type, "source": new.source,
                 "ingest": new.ingest, "status": ItemStatus.queued, "attempts": 0, "created_at": now,
                 "updated_at": now,
@@ -154,7 +157,7 @@ def record_items(session: Session, new_items: list[NewItem], find_duplicates: bo
         # Only the first mention of an object in this call counts as its creation.
         created = item.id == proposed[identity] and identity not in reported
         reported.add(identity)
-        first = same_bytes.get(item.sha256) if item.sha256 else None
+        first = same_bytes.get((item.tenant_id, item.sha256)) if item.sha256 else None
         results.append(Recorded(item, created, duplicate_of=first if first and first != item.id else None))
     for created in (True, False):
         count = sum(1 for result in results if result.created is created)
@@ -163,16 +166,16 @@ def record_items(session: Session, new_items: list[NewItem], find_duplicates: bo
     return results
 
 
-def _first_items_by_sha(session: Session, shas: set[str]) -> dict[str, str]:
-    """The earliest item holding each of ``shas`` (the one whose verdict identical bytes reuse)."""
+def _first_items_by_sha(session: Session, shas: set[str]) -> dict[tuple[str, str], str]:
+    """(tenant, sha256) -> the tenant's earliest item holding those bytes (the one its duplicates name)."""
     if not shas:
         return {}
     rows = session.execute(
-        select(Item.sha256, Item.id).where(Item.sha256.in_(shas)).order_by(Item.created_at, Item.id)
+        select(Item.tenant_id, Item.sha256, Item.id).where(Item.sha256.in_(shas)).order_by(Item.created_at, Item.id)
     ).all()
-    first: dict[str, str] = {}
-    for sha, item_id in rows:
-        first.setdefault(sha, item_id)
+    first: dict[tuple[str, str], str] = {}
+    for tenant_id, sha, item_id in rows:
+        first.setdefault((tenant_id, sha), item_id)
     return first
 
 
@@ -265,6 +268,7 @@ class Claimed:
     sha256: str | None
     enqueued_at: datetime | None
     source: str = ""
+    tenant_id: str = DEFAULT_TENANT_ID
 
 
 @dataclass
@@ -300,22 +304,40 @@ def claim_for_classification(
             continue
         move(item, ItemStatus.processing, now)
         item.attempts += 1
-        result.claimed.append(Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source))
+        result.claimed.append(
+            Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source, item.tenant_id)
+        )
     return result
 
 
-def find_reusable_verdicts(session: Session, model_version: str, shas: set[str]) -> dict[str, tuple[float, str]]:
-    """sha256 -> (fake probability, item id) of the first verdict this model gave those bytes."""
+@dataclass(frozen=True)
+class ReusableVerdict:
+    """A verdict this model already gave some bytes, with what is needed to copy it into another tenant."""
+
+    fake_probability: float
+    item_id: str
+    tenant_id: str
+    inference_ms: float | None
+    batch_size: int | None
+    device: str | None
+
+
+def find_reusable_verdicts(session: Session, model_version: str, shas: set[str]) -> dict[str, list[ReusableVerdict]]:
+    """sha256 -> the verdicts this model gave those bytes, oldest first (one per item, any tenant)."""
     if not shas:
         return {}
     rows = session.execute(
-        select(Verdict.sha256, Verdict.fake_probability, Verdict.item_id)
+        select(
+            Verdict.sha256, Verdict.fake_probability, Verdict.item_id, Item.tenant_id, Verdict.inference_ms,
+            Verdict.batch_size, Verdict.device,
+        )
+        .join(Item, Item.id == Verdict.item_id)
         .where(Verdict.model_version == model_version, Verdict.sha256.in_(shas))
         .order_by(Verdict.id)
     ).all()
-    known: dict[str, tuple[float, str]] = {}
-    for sha, probability, item_id in rows:
-        known.setdefault(sha, (probability, item_id))
+    known: dict[str, list[ReusableVerdict]] = {}
+    for sha, *fields in rows:
+        known.setdefault(sha, []).append(ReusableVerdict(*fields))
     return known
 
 

@@ -16,10 +16,10 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, case, func, literal, or_, select, tuple_, update
+from sqlalchemy import and_, case, func, literal, or_, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
-from dfmod.db import ApiKey, Item, ItemStatus, Review, utcnow
+from dfmod.db import ApiKey, Item, ItemStatus, Review, Tenant, utcnow
 from dfmod.errors import DfmodError
 from dfmod.lifecycle import skip_locked
 
@@ -45,6 +45,10 @@ class Conflict(ReviewProblem):
     http_status = 409
 
 
+class Forbidden(ReviewProblem):
+    http_status = 403
+
+
 # --- listing ---------------------------------------------------------------------------------------
 
 
@@ -63,9 +67,15 @@ class ItemFilters:
     in_review: bool | None = None  # flagged or within the review band
 
 
+def item_band(band: float):
+    """SQL: the item's review band, its tenant's if set, else ``band``."""
+    tenant_band = select(Tenant.review_band).where(Tenant.id == Item.tenant_id).scalar_subquery()
+    return func.coalesce(tenant_band, band)
+
+
 def in_review_set(band: float):
-    """SQL condition: the item's newest verdict is flagged, or within ``band`` below its threshold."""
-    return and_(Item.score.is_not(None), Item.score >= Item.threshold - band)
+    """SQL condition: the item's newest verdict is flagged, or within its review band below its threshold."""
+    return and_(Item.score.is_not(None), Item.score >= Item.threshold - item_band(band))
 
 
 def _where(filters: ItemFilters, band: float) -> list:
@@ -95,7 +105,7 @@ def _where(filters: ItemFilters, band: float) -> list:
     if filters.in_review is True:
         conditions.append(in_review_set(band))
     elif filters.in_review is False:
-        conditions.append(or_(Item.score.is_(None), Item.score < Item.threshold - band))
+        conditions.append(or_(Item.score.is_(None), Item.score < Item.threshold - item_band(band)))
     return conditions
 
 
@@ -131,7 +141,7 @@ def decode_cursor(order: str, cursor: str):
 
 def list_items(
     session: Session, filters: ItemFilters, order: str = "newest", limit: int = 50, cursor: str | None = None,
-    band: float = 0.0,
+    band: float = 0.0, visible=None,
 ) -> tuple[list[Item], str | None]:
     """One page of items and the cursor of the next (None on the last page).
 
@@ -143,7 +153,7 @@ def list_items(
         raise ReviewProblem("invalid_request", f"order must be one of {', '.join(ORDERS)}", http_status=422)
     column = _sort_column(order)
     descending = order in ("newest", "score_desc")
-    query = select(Item).where(*_where(filters, band))
+    query = select(Item).where(*_where(filters, band), true() if visible is None else visible)
     if order.startswith("score"):
         query = query.where(Item.score.is_not(None))
     if cursor:
@@ -165,7 +175,7 @@ def list_items(
 
 
 def claim_items(
-    session: Session, key: ApiKey, limit: int, lease_s: int, band: float, now: datetime | None = None
+    session: Session, key: ApiKey, limit: int, lease_s: int, band: float, now: datetime | None = None, visible=None,
 ) -> list[Item]:
     """Lease the next ``limit`` unreviewed items of the review set, highest score first, to ``key``.
 
@@ -182,6 +192,7 @@ def claim_items(
         in_review_set(band),
         Item.decision.is_(None),
         or_(Item.claimed_until.is_(None), Item.claimed_until <= now, Item.claimed_key_id == key.id),
+        true() if visible is None else visible,
     )
     pick = select(Item.id).where(claimable).order_by(Item.score.desc(), Item.id).limit(limit)
     pick = skip_locked(pick, session)
@@ -218,10 +229,13 @@ def release_items(session: Session, key: ApiKey, item_ids: list[str]) -> int:
 # --- decisions -------------------------------------------------------------------------------------
 
 
-def _lock_item(session: Session, item_id: str) -> Item:
+def _lock_item(session: Session, item_id: str, visible=None) -> Item:
     # Decisions on one item are serialised on its row, so "the latest review" is well defined.
     item = session.scalar(
-        select(Item).where(Item.id == item_id).with_for_update().execution_options(populate_existing=True)
+        select(Item)
+        .where(Item.id == item_id, true() if visible is None else visible)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
     if item is None:
         raise NotFound("not_found", f"no item {item_id}")
@@ -243,16 +257,26 @@ def _apply_current_decision(session: Session, item: Item) -> None:
     item.decided_by = current.reviewer if current else None
 
 
+def _check_claim(item: Item, key: ApiKey, now: datetime) -> None:
+    if item.claimed_key_id is not None and item.claimed_key_id != key.id and item.claimed_until and item.claimed_until > now:
+        raise Conflict(
+            "claimed_by_other",
+            f"item {item.id} is claimed by {item.claimed_by!r} until {item.claimed_until.isoformat()}; only they may decide it",
+        )
+
+
 def record_review(
-    session: Session, item_id: str, key: ApiKey, decision: str, note: str | None, request_id: str | None = None
+    session: Session, item_id: str, key: ApiKey, decision: str, note: str | None, request_id: str | None = None,
+    visible=None, now: datetime | None = None,
 ) -> tuple[Review, bool]:
     """Append a review and make it the item's current decision; returns (review, created).
 
-    A repeated ``request_id`` from the same key returns the first review instead of appending another.
+    A repeated ``request_id`` from the same key returns the first review instead of appending another. An
+    item claimed by another key (lease not expired) cannot be decided.
     """
     if decision not in DECISIONS:
         raise ReviewProblem("invalid_decision", f"decision must be one of {', '.join(DECISIONS)}")
-    item = _lock_item(session, item_id)
+    item = _lock_item(session, item_id, visible)
     if request_id:
         earlier = session.scalar(select(Review).where(Review.key_id == key.id, Review.request_id == request_id))
         if earlier is not None:
@@ -261,6 +285,7 @@ def record_review(
             return earlier, False
     if item.score is None:
         raise Conflict("not_classified", f"item {item_id} has no verdict yet; nothing to review")
+    _check_claim(item, key, now or utcnow())
     review = Review(
         item_id=item.id, decision=decision, note=note, reviewer=key.name, key_id=key.id, request_id=request_id,
         model_label=item.label, model_score=item.score, created_at=utcnow(),
@@ -271,9 +296,14 @@ def record_review(
     return review, True
 
 
-def retract_review(session: Session, item_id: str, review_id: int, key: ApiKey, note: str | None = None) -> Review:
-    """Undo the item's current decision by appending a retraction; the previous decision (if any) is current again."""
-    item = _lock_item(session, item_id)
+def retract_review(
+    session: Session, item_id: str, review_id: int, key: ApiKey, note: str | None = None, visible=None,
+) -> Review:
+    """Undo the item's current decision by appending a retraction; the previous decision (if any) is current again.
+
+    Only the key that made the decision, or an admin key, may retract it.
+    """
+    item = _lock_item(session, item_id, visible)
     target = session.get(Review, review_id)
     if target is None or target.item_id != item.id:
         raise NotFound("not_found", f"item {item_id} has no review {review_id}")
@@ -284,6 +314,8 @@ def retract_review(session: Session, item_id: str, review_id: int, key: ApiKey, 
     current = _current_review(session, item)
     if current is None or current.id != target.id:
         raise Conflict("not_current", f"review {review_id} is not the item's latest decision")
+    if target.key_id != key.id and "admin" not in key.scope_set:
+        raise Forbidden("not_author", f"review {review_id} was made by {target.reviewer!r}; only they or an admin may retract it")
     retraction = Review(
         item_id=item.id, decision=RETRACTED, note=note, reviewer=key.name, key_id=key.id, retracts_id=target.id,
         model_label=item.label, model_score=item.score, created_at=utcnow(),
@@ -305,11 +337,11 @@ def _day(session: Session):
 
 def stats(
     session: Session, band: float, since: datetime | None = None, until: datetime | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, visible=None,
 ) -> dict:
     """Counts by label, status, decision and day; model/reviewer agreement; backlogs."""
     now = now or utcnow()
-    window = _where(ItemFilters(since=since, until=until), band)
+    window = [*_where(ItemFilters(since=since, until=until), band), true() if visible is None else visible]
 
     def grouped(column) -> dict[str, int]:
         rows = session.execute(select(column, func.count()).where(*window).group_by(column)).all()

@@ -76,7 +76,27 @@ class Settings(BaseSettings):
     # --- API ---------------------------------------------------------------------------------------
     s3_event_token: SecretStr | None = Field(
         None,
-        description="Bearer token that S3/MinIO notifications must present; unset disables /v1/events/s3.",
+        description="Events token of the default tenant (S3/MinIO notifications present it as a bearer token); "
+        "other tenants have their own (`dfmod tenants create`). With no token at all, /v1/events/s3 is off.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Fernet key(s) that encrypt tenants' callback secrets in the database, comma-separated (the "
+        "first encrypts; all decrypt, for rotating it). Make one with `dfmod tenants secret-key`. Unset: `dfmod up` "
+        "keeps a generated one in DATA_DIR/secret.key; with Postgres, tenants cannot get callback secrets.",
+    )
+    rate_limit_uploads: str | None = Field(
+        None,
+        description='Per-key limit on uploads and registrations, e.g. "120/minute" or "10/second;1000/hour" '
+        "(the `limits` notation); unset: none.",
+    )
+    rate_limit_reads: str | None = Field(
+        None, description='Per-key limit on every other keyed request, e.g. "600/minute"; unset: none.'
+    )
+    rate_limit_storage_url: str | None = Field(
+        None,
+        description="Where the counters live, shared by every API replica: redis://... (default: the broker URL when "
+        "it is Redis, else memory://, per process).",
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted image, in bytes.")
     max_image_pixels: int = Field(
@@ -180,6 +200,15 @@ class Settings(BaseSettings):
         for url in [self.callback_url, *self.callback_urls.values()]:
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ValueError(f"callback URLs must be http(s)://...; got {url!r}")
+        for name in ("rate_limit_uploads", "rate_limit_reads"):
+            value = getattr(self, name)
+            if value:
+                from limits import parse_many
+
+                try:
+                    parse_many(value)
+                except ValueError as exc:
+                    raise ValueError(f"DFMOD_{name.upper()} is not a rate limit like 120/minute: {value!r}") from exc
         if (self.callback_url or self.callback_urls) and self.callback_secret is None:
             # Unsigned callbacks would let anyone who learns the URL forge verdicts.
             raise ValueError("DFMOD_CALLBACK_SECRET is required when DFMOD_CALLBACK_URL(S) is set")
@@ -197,6 +226,13 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'dfmod.db').resolve()}"
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else "memory://"
 
     @property
     def resolved_broker_url(self) -> str:

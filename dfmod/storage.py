@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from dfmod.errors import DfmodError
 from dfmod.settings import Settings
@@ -94,6 +94,7 @@ def heatmap_key(item_id: str, model_version: str) -> str:
 
 class Storage(Protocol):
     readable_buckets: frozenset[str]
+    bucket_allowed: Callable[[str], bool] | None
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> ObjectInfo: ...
 
@@ -107,9 +108,11 @@ class Storage(Protocol):
 
 class _BucketRules:
     readable_buckets: frozenset[str]
+    # Tenants' buckets live in the database (dfmod.tenants.BucketDirectory.readable), set by the API and workers.
+    bucket_allowed: Callable[[str], bool] | None = None
 
     def _check(self, bucket: str, key: str) -> None:
-        if bucket not in self.readable_buckets:
+        if bucket not in self.readable_buckets and not (self.bucket_allowed is not None and self.bucket_allowed(bucket)):
             raise BucketNotAllowed(f"bucket {bucket!r} is not configured for dfmod")
         validate_key(key)
 

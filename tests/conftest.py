@@ -98,10 +98,20 @@ def postgres_url() -> str:
 def clean_postgres(postgres_url) -> str:
     from sqlalchemy import create_engine, text
 
+    from dfmod.db import DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME
+
     engine = create_engine(postgres_url)
     with engine.begin() as connection:
         connection.execute(
-            text("TRUNCATE verdicts, reviews, callback_deliveries, api_keys, items RESTART IDENTITY CASCADE")
+            text(
+                "TRUNCATE verdicts, reviews, callback_deliveries, api_key_tenants, api_keys, items, tenant_buckets,"
+                " tenants RESTART IDENTITY CASCADE"
+            )
+        )
+        # Migration 0003 made the default tenant; every test starts with it, and only it.
+        connection.execute(
+            text("INSERT INTO tenants (id, name, created_at, updated_at) VALUES (:id, :name, now(), now())"),
+            {"id": DEFAULT_TENANT_ID, "name": DEFAULT_TENANT_NAME},
         )
     engine.dispose()
     return postgres_url
@@ -214,9 +224,10 @@ def make_api_key(integration_settings):
     engine = make_engine(integration_settings.resolved_database_url, pool_size=1)
     factory = make_session_factory(engine)
 
-    def make(*scopes: str, name: str | None = None) -> str:
+    def make(*scopes: str, name: str | None = None, tenants: tuple[str, ...] = ()) -> str:
         with session_scope(factory) as session:
-            return create_key(session, name or f"test-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}", scopes).plaintext
+            key_name = name or f"test-{'-'.join(scopes)}-{uuid.uuid4().hex[:6]}"
+            return create_key(session, key_name, scopes, tenants).plaintext
 
     yield make
     engine.dispose()

@@ -30,6 +30,7 @@ from dfmod.lifecycle import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
+from dfmod.tenants import BucketDirectory
 from worker import liveness
 from worker.batching import BatchingTask
 from worker.classify import BatchClassifier
@@ -61,7 +62,10 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     factory = make_session_factory(engine)
     app = make_celery(settings)
-    classifier = BatchClassifier(settings, factory, make_storage(settings), predictor, app)
+    storage = make_storage(settings)
+    # Tenants' buckets are in the database; items were checked against them at ingest.
+    storage.bucket_allowed = BucketDirectory(settings, factory).readable
+    classifier = BatchClassifier(settings, factory, storage, predictor, app)
     register_classify_task(app, settings, classifier)
     register_event_tasks(app, settings, classifier)
     return WorkerRuntime(settings, app, classifier)

@@ -3,12 +3,15 @@
 This is the worker's whole job, kept apart from Celery so it can be called and tested directly:
 
 1. claim the items (:func:`dfmod.lifecycle.claim_for_classification`); a redelivered task is a no-op;
-2. reuse the verdict of identical bytes (same sha256, same model version) where there is one;
+2. reuse the verdict of identical bytes (same sha256, same model version) where there is one; across
+   tenants the verdict is copied without ``reused_from`` (and with the original's timings), so no tenant
+   learns that another one sent the same bytes;
 3. fetch and decode the rest in a thread pool (S3 latency and JPEG decoding overlap);
 4. run the model once per ``batch_size`` chunk;
 5. write verdicts and final statuses in one transaction (:func:`dfmod.lifecycle.persist_results`);
-6. if callbacks are configured, enqueue one ``verdict.created`` event (ids only) per item whose source has a
-   callback URL.
+6. enqueue one ``verdict.created`` event (ids only) per item whose tenant has a callback URL.
+
+Labels use the item's tenant's threshold when it has one, else the model's (``DFMOD_THRESHOLD`` overrides both).
 
 Every database step retries through short outages (a Postgres restart or failover) with backoff, and a
 batch that fails anyway puts the items it holds back on the queue: no batch leaves items ``processing``
@@ -39,10 +42,12 @@ from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
 from dfmod.storage import Storage, StorageError, StorageUnavailable
+from dfmod.tenants import has_callback, load_tenants
 
 logger = logging.getLogger(__name__)
 
 RETRY_DELAY_S = 5.0
+_TENANTS_TTL_S = 10.0
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Outcome:
     transient: str | None = None
     inference_ms: float | None = None
     batch_size: int | None = None
+    device: str | None = None
+    cross_tenant_reuse: bool = False
 
 
 @dataclass
@@ -101,6 +108,9 @@ class BatchClassifier:
         # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
         # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
         self._inference_lock = threading.Lock()
+        # Tenants' thresholds and callback settings: a handful of rows, re-read every few seconds.
+        self._tenants: dict = {}
+        self._tenants_read_at = -1e9
 
     # --- the batch ---------------------------------------------------------------------------------
 
@@ -140,29 +150,32 @@ class BatchClassifier:
             if item.enqueued_at is not None:
                 telemetry.QUEUE_WAIT_SECONDS.observe(max(0.0, (now - item.enqueued_at).total_seconds()))
 
+        if time.monotonic() - self._tenants_read_at > _TENANTS_TTL_S:
+            self._tenants = self._in_transaction("tenants", load_tenants)
+            self._tenants_read_at = time.monotonic()
         outcomes = [Outcome(item=item) for item in claimed]
         fetch_started = time.perf_counter()
         self._reuse(outcomes, lambda o: o.item.sha256)
-        pending = [o for o in outcomes if o.reused_from is None]
+        pending = [o for o in outcomes if o.fake_probability is None]
         for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
             outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
         report.fetch_s = time.perf_counter() - fetch_started
-        self._infer([o for o in pending if o.array is not None and o.reused_from is None], report)
+        self._infer([o for o in pending if o.array is not None and o.fake_probability is None], report)
 
         persist_started = time.perf_counter()
         results = [self._result(outcome) for outcome in outcomes]
         self._in_transaction("persist", lambda session: lifecycle.persist_results(session, results))
         report.persist_s = time.perf_counter() - persist_started
-        if self.settings.callbacks_enabled:
-            enqueue_events(
-                self.celery_app, self.settings,
-                [
-                    (EVENT_VERDICT, o.item.id, self.model_version)
-                    for o in outcomes
-                    if o.fake_probability is not None and self.settings.callback_url_for(o.item.source)
-                ],
-            )
+        enqueue_events(
+            self.celery_app, self.settings,
+            [
+                (EVENT_VERDICT, o.item.id, self.model_version)
+                for o in outcomes
+                if o.fake_probability is not None
+                and has_callback(self._tenants.get(o.item.tenant_id), self.settings, o.item.source)
+            ],
+        )
         self._requeue([o.item.id for o in outcomes if o.transient])
         return outcomes
 
@@ -176,8 +189,8 @@ class BatchClassifier:
                 report.retried += 1
                 telemetry.TRANSIENT_ERRORS.labels(kind="storage").inc()
             elif outcome.fake_probability is not None:
-                label = self.predictor.label_for(outcome.fake_probability)
-                reused = outcome.reused_from is not None
+                label = self._label(outcome)
+                reused = outcome.reused_from is not None or outcome.cross_tenant_reuse
                 report.reused += reused
                 report.classified += not reused
                 telemetry.IMAGES_CLASSIFIED.labels(label=label, reused=str(reused).lower()).inc()
@@ -212,10 +225,23 @@ class BatchClassifier:
         )
         for outcome in outcomes:
             sha = sha_of(outcome)
-            if sha in known and known[sha][1] != outcome.item.id:
-                outcome.fake_probability, outcome.reused_from = known[sha]
-                outcome.sha256 = sha
-                outcome.array = None
+            candidates = [verdict for verdict in known.get(sha, []) if verdict.item_id != outcome.item.id]
+            if not candidates:
+                continue
+            # Prefer the tenant's own earlier item: only that one may be named.
+            own = [verdict for verdict in candidates if verdict.tenant_id == outcome.item.tenant_id]
+            source = (own or candidates)[0]
+            outcome.fake_probability = source.fake_probability
+            if own:
+                outcome.reused_from = source.item_id
+            else:
+                # Another tenant's bytes: the verdict is copied but looks like a fresh one (same timings and
+                # device), so nothing tells this tenant that someone else sent the same image.
+                outcome.cross_tenant_reuse = True
+                outcome.inference_ms, outcome.batch_size = source.inference_ms, source.batch_size
+                outcome.device = source.device
+            outcome.sha256 = sha
+            outcome.array = None
 
     def _load(self, item: Claimed):
         """Fetch, hash and decode one item: (sha256, size, array, failure, transient)."""
@@ -262,20 +288,25 @@ class BatchClassifier:
         for outcome in outcomes:
             outcome.fake_probability = probabilities[outcome.sha256]
             outcome.array = None  # free the pixels before the database round trip
-            if outcome is not representatives[outcome.sha256]:
-                outcome.reused_from = representatives[outcome.sha256].item.id
+            representative = representatives[outcome.sha256]
+            if outcome is not representative:
+                if representative.item.tenant_id == outcome.item.tenant_id:
+                    outcome.reused_from = representative.item.id
+                else:
+                    outcome.cross_tenant_reuse = True
+                    outcome.inference_ms, outcome.batch_size = representative.inference_ms, representative.batch_size
 
     def _result(self, outcome: Outcome) -> ItemResult:
         verdict = None
         if outcome.fake_probability is not None:
             verdict = VerdictData(
                 fake_probability=outcome.fake_probability,
-                label=self.predictor.label_for(outcome.fake_probability),
-                threshold=self.threshold,
+                label=self._label(outcome),
+                threshold=self._threshold(outcome),
                 model_version=self.model_version,
                 inference_ms=outcome.inference_ms,
                 batch_size=outcome.batch_size,
-                device=self.predictor.device if outcome.reused_from is None else None,
+                device=outcome.device or (self.predictor.device if outcome.reused_from is None else None),
                 reused_from=outcome.reused_from,
             )
         return ItemResult(
@@ -283,6 +314,16 @@ class BatchClassifier:
             failure=outcome.failure if verdict is None else None,
             retry=outcome.transient if verdict is None and outcome.failure is None else None,
         )
+
+    def _threshold(self, outcome: Outcome) -> float:
+        tenant = self._tenants.get(outcome.item.tenant_id)
+        # DFMOD_THRESHOLD is the operator's override for every tenant; a tenant's own threshold refines the model's.
+        if tenant is not None and tenant.threshold is not None and self.settings.threshold is None:
+            return tenant.threshold
+        return self.threshold
+
+    def _label(self, outcome: Outcome) -> str:
+        return "fake" if outcome.fake_probability >= self._threshold(outcome) else "real"
 
     def _requeue(self, item_ids: list[str]) -> None:
         if not item_ids or self.celery_app is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from api.main import create_app
 from tests.utils.records import bearer
@@ -24,7 +25,9 @@ def test_create_list_use_and_revoke_a_key(admin):
     assert body["key"].startswith("dfmod_") and body["key"].startswith(body["prefix"])
     assert body["scopes"] == ["ingest", "review"]
     carol = bearer(body["key"])
-    assert admin.get("/v1/whoami", headers=carol).json() == {"id": body["id"], "name": "carol", "scopes": ["ingest", "review"]}
+    assert admin.get("/v1/whoami", headers=carol).json() == {
+        "id": body["id"], "name": "carol", "scopes": ["ingest", "review"], "tenant": "default", "tenants": ["default"],
+    }
 
     listed = {key["name"]: key for key in admin.get("/v1/keys").json()}
     assert set(listed) == {"root", "carol"} and "key" not in listed["carol"]
@@ -54,7 +57,11 @@ def test_invalid_keys_are_refused(admin, body):
 
 def test_settings_are_shown_with_secrets_masked(integration_settings, make_api_key):
     settings = integration_settings.model_copy(
-        update={"database_url": "postgresql+psycopg://dfmod:hunter2@db.internal:5432/dfmod"}
+        update={
+            "database_url": "postgresql+psycopg://dfmod:hunter2@db.internal:5432/dfmod",
+            "rate_limit_storage_url": "redis://:limits-pw@redis.internal:6379/3",
+            "secret_key": SecretStr("fernet-key-never-shown"),
+        }
     )
     app = create_app(settings)
     # Swap the engine back to the test database: only the reported URL should carry the fake password.
@@ -66,6 +73,7 @@ def test_settings_are_shown_with_secrets_masked(integration_settings, make_api_k
         shown = client.get("/v1/settings").json()
     text = str(shown)
     assert "hunter2" not in text and "event-secret" not in text
+    assert "limits-pw" not in text and "fernet-key-never-shown" not in text and shown["secret_key"] == "**********"
     assert shown["s3_secret_access_key"] == shown["s3_event_token"] == "**********"
     assert shown["database_url"] == "postgresql+psycopg://***@db.internal:5432/dfmod"
     assert shown["batch_size"] == integration_settings.batch_size and shown["review_band"] == 0.0

@@ -27,7 +27,7 @@ ENDPOINTS = [
     ("GET", f"/v1/items/{ITEM}/image?variant=thumb", None, {"review"}),
     ("GET", f"/v1/items/{ITEM}/heatmap", None, {"review"}),
     ("POST", f"/v1/items/{ITEM}/reviews", {"decision": "escalated"}, {"review"}),
-    ("POST", f"/v1/items/{ITEM}/reviews/1/retract", {}, {"review"}),
+    ("POST", f"/v1/items/{ITEM}/reviews/1/retract", {}, {"review", "admin"}),
     ("POST", "/v1/queue/claim", {"limit": 1}, {"review"}),
     ("POST", "/v1/queue/release", {"ids": []}, {"review"}),
     ("GET", "/v1/stats", None, {"review"}),

@@ -29,14 +29,15 @@ SECRET = "callback-secret"
 def verify_dfmod_signature(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
     """The receiver-side check exactly as the README documents it (kept independent of dfmod's code)."""
     try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        timestamp, signature = int(fields["t"]), fields["v1"]
-    except (KeyError, ValueError):
+        pairs = [part.split("=", 1) for part in header.split(",")]
+        timestamp = int(next(value for name, value in pairs if name == "t"))
+        signatures = [value for name, value in pairs if name == "v1"]  # two during a secret rotation
+    except (StopIteration, ValueError):
         return False
     if abs(time.time() - timestamp) > tolerance_s:
         return False  # too old (or from the future): a replay
     expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, signature)
+    return any(hmac.compare_digest(expected, signature) for signature in signatures)
 
 
 @pytest.fixture
@@ -67,6 +68,15 @@ def test_signatures_verify_and_reject_tampering():
     stale = sign(SECRET, int(time.time()) - 3600, body)
     assert not verify_dfmod_signature(SECRET, stale, body) and not verify_signature(SECRET, stale, body)
     assert not verify_signature(SECRET, "garbage", body)
+
+
+def test_during_a_rotation_both_secrets_verify_the_one_header():
+    body = b'{"id":"e1","type":"verdict.created"}'
+    header = sign(("new-secret", "old-secret"), int(time.time()), body)
+    assert header.count(",v1=") == 2
+    for secret in ("new-secret", "old-secret"):
+        assert verify_dfmod_signature(secret, header, body) and verify_signature(secret, header, body)
+    assert not verify_dfmod_signature(SECRET, header, body) and not verify_signature(SECRET, header, body)
 
 
 def test_verdict_event_is_retried_then_delivered_signed_and_recorded(integration_settings, db, callback_receiver):

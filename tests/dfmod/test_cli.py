@@ -36,7 +36,8 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as anonymous:
             assert anonymous.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")}).status_code == 401
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as client:
-            assert client.get("/v1/whoami").json()["scopes"] == ["admin", "ingest", "review"]
+            whoami = client.get("/v1/whoami").json()
+            assert whoami["scopes"] == ["admin", "ingest", "review"] and whoami["tenant"] == "default"
             accepted = client.post("/v1/images", files={"file": ("a.jpg", make_image_bytes(), "image/jpeg")})
             assert accepted.status_code == 202, accepted.text
             item_id = accepted.json()["id"]
@@ -78,3 +79,45 @@ def test_migrate_command_brings_a_fresh_database_to_head(tmp_path):
     from dfmod.migrate import head_revision
 
     assert f"database at revision {head_revision()}" in result.stdout
+
+
+def test_tenants_and_tenant_keys_from_the_command_line(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
+        "DFMOD_DATA_DIR": str(tmp_path / "data"),
+    }
+
+    def dfmod(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "dfmod", *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert result.returncode == 0, (args, result.stderr)
+        return result
+
+    dfmod("migrate")
+    created = dfmod("tenants", "create", "--name", "platform-x", "--callback-url", "https://x.example/hook",
+                    "--bucket", "x-uploads")
+    token = re.search(r"events token:\s+(dfmodev_\S+)", created.stdout)
+    secret = re.search(r"callback secret:\s+(whsec_\S+)", created.stdout)
+    assert token and secret, created.stdout
+    # Embedded: the key that encrypts callback secrets was made beside the database, readable by its owner only.
+    assert oct((tmp_path / "data" / "secret.key").stat().st_mode & 0o777) == "0o600"
+    assert secret.group(1) not in (tmp_path / "data" / "dfmod.db").read_bytes().decode("latin-1")
+
+    key = dfmod("keys", "create", "--name", "x-ingest", "--scope", "ingest", "--tenant", "platform-x")
+    assert "tenants platform-x" in key.stderr and key.stdout.strip().startswith("dfmod_")
+    listed = dfmod("tenants", "list").stdout
+    assert "platform-x" in listed and "x-uploads" in listed and "default" in listed
+    assert token.group(1) not in listed and secret.group(1) not in listed
+
+    rotated = dfmod("tenants", "update", "platform-x", "--rotate-callback-secret", "--overlap", "60", "--add-bucket", "x-2")
+    new_secret = re.search(r"callback secret:\s+(whsec_\S+)", rotated.stdout)
+    assert new_secret and new_secret.group(1) != secret.group(1)
+    assert "x-2" in dfmod("tenants", "list").stdout
+
+    dfmod("tenants", "disable", "platform-x")
+    assert "disabled" in dfmod("tenants", "list").stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "dfmod", "keys", "create", "--name", "late", "--scope", "ingest", "--tenant", "platform-x"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert refused.returncode == 1 and "disabled" in refused.stderr

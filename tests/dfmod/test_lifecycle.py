@@ -13,7 +13,9 @@ import pytest
 from sqlalchemy import select, update
 
 from dfmod import migrate
-from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope, utcnow
+from dfmod.db import (
+    DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope, utcnow,
+)
 from dfmod import lifecycle
 from dfmod.lifecycle import (
     IllegalTransition, ItemResult, NewItem, VerdictData, claim_for_classification, persist_results, record_items,
@@ -142,7 +144,8 @@ def test_claim_persist_and_redelivery(database_url):
         assert session.get(Item, ids[0]).score == 0.9
         assert len(session.scalars(select(Verdict)).all()) == 1
         # find_reusable_verdicts finds the verdict by its bytes.
-        assert lifecycle.find_reusable_verdicts(session, "m1", {"a" * 64}) == {"a" * 64: (0.9, ids[0])}
+        [reusable] = lifecycle.find_reusable_verdicts(session, "m1", {"a" * 64})["a" * 64]
+        assert (reusable.fake_probability, reusable.item_id, reusable.tenant_id) == (0.9, ids[0], DEFAULT_TENANT_ID)
 
 
 def test_a_delivery_of_an_item_that_already_has_the_verdict_marks_it_classified(database_url):

@@ -9,9 +9,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError
 
 from dfmod import migrate
-from dfmod.db import Base
+from dfmod.db import Base, make_engine
 from dfmod.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 
@@ -82,6 +83,100 @@ def test_0002_upgrades_backfills_matches_models_and_downgrades(empty_database):
         columns = set(connection.execute(text("SELECT * FROM items")).keys())
         assert "score" not in columns and "decision" not in columns
         assert connection.execute(text("SELECT COUNT(*) FROM verdicts")).scalar() == 2
+    engine.dispose()
+    migrate.upgrade(settings)
+    assert migrate.current_revision(empty_database) == migrate.head_revision()
+
+
+def _insert_0002_rows(url: str) -> None:
+    """A deployment as today's schema leaves it: items with verdicts and reviews, and keys of each kind."""
+    engine = create_engine(url)
+    now = "2026-01-01 00:00:00+00:00"
+    with engine.begin() as connection:
+        for item_id, status, score in (("i-1", "classified", 0.9), ("i-2", "queued", None)):
+            connection.execute(
+                text(
+                    "INSERT INTO items (id, bucket, key, version, source, ingest, status, attempts, created_at,"
+                    " updated_at, score, decision) VALUES (:id, 'b', :id, '', 'platform-x', 'upload', :status, 1,"
+                    " :now, :now, :score, :decision)"
+                ),
+                {"id": item_id, "status": status, "now": now, "score": score,
+                 "decision": "confirmed_fake" if score else None},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO verdicts (item_id, label, fake_probability, threshold, model_version, created_at)"
+                " VALUES ('i-1', 'fake', 0.9, 0.6, 'm1', :now)"
+            ),
+            {"now": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO reviews (item_id, decision, reviewer, key_id, created_at)"
+                " VALUES ('i-1', 'confirmed_fake', 'alice', 'k-review', :now)"
+            ),
+            {"now": now},
+        )
+        for key_id, scopes in (("k-ingest", "ingest"), ("k-review", "review"), ("k-all", "admin,ingest,review"),
+                               ("k-admin", "admin")):
+            connection.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, key_hash, prefix, scopes, created_at)"
+                    " VALUES (:id, :id, :hash, 'dfmod_abc', :scopes, :now)"
+                ),
+                {"id": key_id, "hash": key_id.ljust(64, "0"), "scopes": scopes, "now": now},
+            )
+    engine.dispose()
+
+
+def test_0003_moves_a_deployment_onto_the_default_tenant_and_downgrades(empty_database):
+    from dfmod.db import DEFAULT_TENANT_ID
+
+    settings = Settings(database_url=empty_database)
+    migrate.upgrade(settings, "0002")
+    _insert_0002_rows(empty_database)
+    migrate.upgrade(settings, "0003")
+
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id, name FROM tenants")).all() == [(DEFAULT_TENANT_ID, "default")]
+        items = dict(connection.execute(text("SELECT id, tenant_id FROM items")).all())
+        assert items == {"i-1": DEFAULT_TENANT_ID, "i-2": DEFAULT_TENANT_ID}
+        # Nothing else moved: verdicts, reviews and the review columns are as they were.
+        assert connection.execute(text("SELECT item_id, fake_probability FROM verdicts")).all() == [("i-1", 0.9)]
+        assert connection.execute(text("SELECT item_id, reviewer FROM reviews")).all() == [("i-1", "alice")]
+        assert connection.execute(text("SELECT decision FROM items WHERE id = 'i-1'")).scalar() == "confirmed_fake"
+        # Keys that ingest join the default tenant (and review it); the others stay global.
+        keys = dict(connection.execute(text("SELECT id, tenant_id FROM api_keys")).all())
+        assert keys == {"k-ingest": DEFAULT_TENANT_ID, "k-all": DEFAULT_TENANT_ID, "k-review": None, "k-admin": None}
+        links = set(connection.execute(text("SELECT key_id, tenant_id FROM api_key_tenants")).all())
+        assert links == {("k-ingest", DEFAULT_TENANT_ID), ("k-all", DEFAULT_TENANT_ID)}
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert diff == []
+    engine.dispose()
+    # An item of an unknown tenant is refused by the database itself (SQLite: with dfmod's foreign-key pragma).
+    engine = make_engine(empty_database)
+    with engine.connect() as connection:
+        with pytest.raises(IntegrityError, match="(?i)foreign key"):
+            with connection.begin():
+                connection.execute(
+                    text(
+                        "INSERT INTO items (id, tenant_id, bucket, key, version, source, ingest, status, attempts,"
+                        " created_at, updated_at) VALUES ('i-3', 'nope', 'b', 'k3', '', 's', 'upload', 'queued', 0,"
+                        " '2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
+                    )
+                )
+    engine.dispose()
+
+    migrate.downgrade(settings, "0002")
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        assert "tenant_id" not in set(connection.execute(text("SELECT * FROM items")).keys())
+        assert "tenant_id" not in set(connection.execute(text("SELECT * FROM api_keys")).keys())
+        assert connection.execute(text("SELECT COUNT(*) FROM items")).scalar() == 2
+        assert connection.execute(text("SELECT COUNT(*) FROM verdicts")).scalar() == 1
+        assert connection.execute(text("SELECT COUNT(*) FROM reviews")).scalar() == 1
+        assert connection.execute(text("SELECT COUNT(*) FROM api_keys")).scalar() == 4
     engine.dispose()
     migrate.upgrade(settings)
     assert migrate.current_revision(empty_database) == migrate.head_revision()

@@ -112,3 +112,61 @@ def test_claims_work_on_sqlite_too(tmp_path):
     with session_scope(factory) as session:
         assert [i.id for i in claim_items(session, bob, 5, 60, 0.0)] == [ids[2]]
     engine.dispose()
+
+
+def test_a_claimed_item_is_decided_only_by_its_claimant_until_the_lease_ends(postgres):
+    from dfmod.review import Conflict
+
+    settings, factory = postgres
+    [item_id] = seed_items(settings, [{"score": 0.9}])
+    alice, bob = _keys(factory, 2)
+    now = utcnow()
+    with session_scope(factory) as session:
+        assert [item.id for item in claim_items(session, alice, 1, 300, 0.0, now=now)] == [item_id]
+    with session_scope(factory) as session, pytest.raises(Conflict) as refused:
+        record_review(session, item_id, bob, "overturned_real", None, now=now + timedelta(seconds=10))
+    assert refused.value.code == "claimed_by_other"
+    # After the lease, anyone may decide; before it, the claimant may.
+    with session_scope(factory) as session:
+        review, created = record_review(session, item_id, bob, "overturned_real", None, now=now + timedelta(seconds=301))
+        assert created and review.reviewer == "reviewer-1"
+    with session_scope(factory) as session:
+        claim_items(session, alice, 1, 300, 0.0, now=now + timedelta(seconds=400))  # decided: not claimable
+    [other_id] = seed_items(settings, [{"score": 0.8}])
+    with session_scope(factory) as session:
+        claim_items(session, alice, 1, 300, 0.0)
+        review, created = record_review(session, other_id, alice, "confirmed_fake", None)
+        assert created
+
+
+def test_a_decision_is_retracted_only_by_its_author_or_an_admin(postgres):
+    from dfmod.review import Forbidden, retract_review
+
+    settings, factory = postgres
+    [item_id] = seed_items(settings, [{"score": 0.9}])
+    alice, bob = _keys(factory, 2)
+    with session_scope(factory) as session:
+        admin = create_key(session, "an-admin", ["admin"]).key
+        first, _ = record_review(session, item_id, alice, "confirmed_fake", None)
+    with session_scope(factory) as session, pytest.raises(Forbidden) as refused:
+        retract_review(session, item_id, first.id, bob)
+    assert refused.value.code == "not_author"
+    with session_scope(factory) as session:
+        assert retract_review(session, item_id, first.id, alice).retracts_id == first.id
+        second, _ = record_review(session, item_id, bob, "escalated", None)
+    with session_scope(factory) as session:
+        assert retract_review(session, item_id, second.id, admin).reviewer == "an-admin"
+
+
+def test_a_tenants_review_band_widens_its_own_queue_only(postgres):
+    from dfmod import tenants
+
+    settings, factory = postgres
+    with session_scope(factory) as session:
+        box = tenants.SecretBox([tenants.generate_secret_key()])
+        wide = tenants.create_tenant(session, box, "wide-band", review_band=0.2).tenant.id
+    # Both score 0.4 against a 0.5 threshold: inside a 0.2 band, outside the default band of 0.
+    _default_item, wide_item = seed_items(settings, [{"score": 0.4}, {"score": 0.4, "tenant_id": wide}])
+    [alice] = _keys(factory, 1)
+    with session_scope(factory) as session:
+        assert [item.id for item in claim_items(session, alice, 10, 300, 0.0)] == [wide_item]

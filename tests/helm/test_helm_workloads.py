@@ -324,6 +324,28 @@ def test_chart_secret_holds_the_credentials(chart, rendered):
     assert not any("PASSWORD" in key or "SECRET" in key or "URL" in key and "DATABASE" in key for key in config)
 
 
+def test_every_secret_the_service_reads_reaches_its_pods_from_the_secret(chart):
+    secrets = {"callbackSecret": "cb-secret", "secretKey": "fernet-key", "s3EventToken": "event-token"}
+    out = chart.render("gpu", {"secrets": secrets})
+    data = out.secret_data(chart.fullname)
+    served = {"DFMOD_CALLBACK_SECRET", "DFMOD_SECRET_KEY", "DFMOD_S3_EVENT_TOKEN", "DFMOD_DATABASE_URL", "DFMOD_BROKER_URL"}
+    assert served <= set(data)
+    workloads = [(doc, pod) for doc, pod in out.pod_specs() if doc["kind"] == "Deployment"]
+    assert len(workloads) >= 2  # the API and at least one worker pool
+    for doc, pod in workloads:
+        env = chart.env(chart.container(pod, pod["containers"][0]["name"]))
+        for key in served:
+            # From the Secret by reference: the value itself is in no pod spec.
+            assert env[key]["secretKeyRef"] == {"name": chart.fullname, "key": key, **({} if key in (
+                "DFMOD_DATABASE_URL", "DFMOD_BROKER_URL") else {"optional": True})}, (doc["metadata"]["name"], key)
+    # No secret in any ConfigMap, and one cannot be put there through config.extra.
+    for config_map in out.of_kind("ConfigMap"):
+        values = " ".join(str(value) for value in (config_map.get("data") or {}).values())
+        assert not any(secret in values for secret in secrets.values())
+    with pytest.raises(Exception, match="is a secret"):
+        chart.render("gpu", {"config": {"extra": {"DFMOD_CALLBACK_SECRET": "in-a-configmap"}}})
+
+
 def test_existing_secret_means_no_secret_and_references_by_name(chart, rendered):
     out = rendered["existing-secret"]
     assert out.of_kind("Secret") == [], "no Secret may be rendered with existingSecret (hooks included)"

@@ -13,11 +13,14 @@ def seed_items(settings, specs: list[dict]) -> list[str]:
     """Insert items as the worker leaves them, without running the model; returns their ids in order.
 
     Each spec may set ``score`` (None: not classified), ``threshold`` (0.5), ``model_version`` ("m1"),
-    ``source``, ``status``, ``created_at``, ``key`` and ``bucket``; a scored item gets a matching verdict row.
+    ``source``, ``status``, ``created_at``, ``key``, ``bucket`` and ``tenant_id`` (default: the default tenant);
+    a scored item gets a matching verdict row.
     """
     from datetime import datetime, timedelta, timezone
 
-    from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope
+    from dfmod.db import (
+        DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope,
+    )
 
     engine = make_engine(settings.resolved_database_url, pool_size=1)
     base = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -30,7 +33,8 @@ def seed_items(settings, specs: list[dict]) -> list[str]:
             created = spec.get("created_at", base + timedelta(minutes=index))
             status = spec.get("status", "classified" if score is not None else "queued")
             item = Item(
-                id=spec.get("id", new_id()), bucket=spec.get("bucket", settings.upload_bucket),
+                id=spec.get("id", new_id()), tenant_id=spec.get("tenant_id", DEFAULT_TENANT_ID),
+                bucket=spec.get("bucket", settings.upload_bucket),
                 key=spec.get("key", f"seed/{uuid.uuid4().hex}.jpg"), version="", source=spec.get("source", "upload"),
                 ingest="upload", status=ItemStatus(status), attempts=1, created_at=created, updated_at=created,
                 score=score, threshold=threshold if score is not None else None,

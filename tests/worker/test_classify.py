@@ -164,3 +164,63 @@ def test_items_past_max_attempts_fail_for_good(classifier, s3_buckets):
     classifier.run(list(ids.values()))
     item = _items(classifier)["poison.jpg"]
     assert item.status == ItemStatus.failed and item.failure_reason == "too_many_attempts"
+
+
+def _tenant(classifier, name: str, **options) -> str:
+    from dfmod import tenants
+
+    with session_scope(classifier.session_factory) as session:
+        box = tenants.SecretBox([tenants.generate_secret_key()])
+        return tenants.create_tenant(session, box, name, **options).tenant.id
+
+
+def _put_and_record_for(classifier, s3_buckets, tenant_id: str, objects: dict[str, bytes]) -> dict[str, str]:
+    client, (bucket, _extra) = s3_buckets
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    with session_scope(classifier.session_factory) as session:
+        recorded = record_items(session, [NewItem(bucket=bucket, key=key, tenant_id=tenant_id) for key in objects])
+    return {key: r.item.id for key, r in zip(objects, recorded)}
+
+
+def test_identical_bytes_across_tenants_reuse_the_verdict_but_never_name_the_other_item(classifier, s3_buckets):
+    from dfmod.db import DEFAULT_TENANT_ID
+
+    other = _tenant(classifier, "platform-b")
+    data = make_image_bytes(size=(128, 128), color=(90, 10, 170))
+    # One batch holding the same bytes for both tenants: one inference, no cross-tenant reference.
+    mine = _put_and_record_for(classifier, s3_buckets, DEFAULT_TENANT_ID, {"mine-1.jpg": data})
+    theirs = _put_and_record_for(classifier, s3_buckets, other, {"theirs-1.jpg": data})
+    report = classifier.run([mine["mine-1.jpg"], theirs["theirs-1.jpg"]])
+    assert report.classified == 1 and report.reused == 1
+    # Later, the same bytes again for the other tenant (reuse from the database), then for the first one.
+    theirs_later = _put_and_record_for(classifier, s3_buckets, other, {"theirs-2.jpg": data})
+    mine_later = _put_and_record_for(classifier, s3_buckets, DEFAULT_TENANT_ID, {"mine-2.jpg": data})
+    report = classifier.run([theirs_later["theirs-2.jpg"]])
+    assert report.classified == 0 and report.reused == 1
+    classifier.run([mine_later["mine-2.jpg"]])
+    with session_scope(classifier.session_factory) as session:
+        verdicts = {v.item_id: v for v in session.scalars(select(Verdict))}
+    assert len({v.fake_probability for v in verdicts.values()}) == 1  # the verdict was reused ...
+    first_mine, first_theirs = verdicts[mine["mine-1.jpg"]], verdicts[theirs["theirs-1.jpg"]]
+    # ... but only an item of the same tenant is ever named, and a copied verdict looks like a fresh one.
+    assert first_mine.reused_from_item_id is None and first_theirs.reused_from_item_id is None
+    assert first_theirs.inference_ms == first_mine.inference_ms and first_theirs.device == first_mine.device
+    assert verdicts[theirs_later["theirs-2.jpg"]].reused_from_item_id == theirs["theirs-1.jpg"]
+    assert verdicts[mine_later["mine-2.jpg"]].reused_from_item_id == mine["mine-1.jpg"]
+
+
+def test_a_tenants_threshold_labels_its_items(classifier, s3_buckets):
+    from dfmod.db import DEFAULT_TENANT_ID
+
+    strict = _tenant(classifier, "strict", threshold=0.0)  # every image is flagged
+    data = make_image_bytes(size=(96, 96), color=(20, 120, 220))
+    mine = _put_and_record_for(classifier, s3_buckets, DEFAULT_TENANT_ID, {"t-default.jpg": data})
+    theirs = _put_and_record_for(classifier, s3_buckets, strict, {"t-strict.jpg": data})
+    classifier.run([*mine.values(), *theirs.values()])
+    with session_scope(classifier.session_factory) as session:
+        items = {item.id: item for item in session.scalars(select(Item))}
+    default_item, strict_item = items[mine["t-default.jpg"]], items[theirs["t-strict.jpg"]]
+    assert strict_item.threshold == 0.0 and strict_item.label == "fake"
+    assert default_item.threshold == 0.5
+    assert default_item.label == ("fake" if default_item.score >= 0.5 else "real")

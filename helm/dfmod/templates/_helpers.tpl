@@ -277,8 +277,17 @@ DFMOD_CHECKPOINT: {{ . | quote }}
 DFMOD_THRESHOLD: {{ $c.threshold | toString | quote }}
 {{- end }}
 {{- range $key, $value := $c.extra }}
+{{- if or (has $key (include "dfmod.optionalSecretKeys" $ | fromJsonArray)) (has $key (list "DFMOD_DATABASE_URL" "DFMOD_BROKER_URL")) }}
+{{- fail (printf "dfmod: %s is a secret: set it under secrets (the chart's Secret or secrets.existingSecret), never config.extra (a ConfigMap)" $key) }}
+{{- end }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* Secret keys every dfmod pod may read from the Secret, each optional (DFMOD_DATABASE_URL and
+DFMOD_BROKER_URL are required and mapped on their own). */}}
+{{- define "dfmod.optionalSecretKeys" -}}
+{{- list "DFMOD_S3_ACCESS_KEY_ID" "DFMOD_S3_SECRET_ACCESS_KEY" "DFMOD_S3_EVENT_TOKEN" "DFMOD_CALLBACK_SECRET" "DFMOD_SECRET_KEY" | toJson -}}
 {{- end -}}
 
 {{/*
@@ -297,7 +306,7 @@ required keys; the S3 keys and the event token are optional ones.
     secretKeyRef:
       name: {{ $name }}
       key: DFMOD_BROKER_URL
-{{- range $key := list "DFMOD_S3_ACCESS_KEY_ID" "DFMOD_S3_SECRET_ACCESS_KEY" "DFMOD_S3_EVENT_TOKEN" }}
+{{- range $key := include "dfmod.optionalSecretKeys" $.root | fromJsonArray }}
 - name: {{ $key }}
   valueFrom:
     secretKeyRef:
