@@ -44,7 +44,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -81,9 +80,9 @@ class BenchResult:
     #: Model-only img/s at batch 1 of the same backends (batching gains little on CPU).
     model_only_batch1_by_backend: dict = field(default_factory=dict)
     #: The end-to-end drain repeated with a torch worker (null where torch is not installed).
-    end_to_end_torch_img_s: Optional[float] = None
+    end_to_end_torch_img_s: float | None = None
     #: Worker CPU per image outside the forward pass, in the batched end-to-end runs.
-    worker_non_model_cpu_ms: Optional[float] = None
+    worker_non_model_cpu_ms: float | None = None
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -203,7 +202,13 @@ def _throughput(predictor, batch_size: int, seconds: float) -> tuple[float, floa
 
 def serving_candidates(checkpoint) -> list[tuple[str, str]]:
     """Every (backend, precision) installed for the CPU with its file on disk: fp32 and accepted ones only."""
-    from dfmod.detector import CPU_RANKING, ModelNotAvailable, accepted_precisions, choose_backend, resolve_checkpoint_path
+    from dfmod.detector import (
+        CPU_RANKING,
+        ModelNotAvailable,
+        accepted_precisions,
+        choose_backend,
+        resolve_checkpoint_path,
+    )
 
     path = resolve_checkpoint_path(checkpoint)
     accepted = accepted_precisions(path)
@@ -271,7 +276,7 @@ def _drain(
 
     keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(images))]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda kv: storage.put(settings.upload_bucket, kv[0], kv[1], "image/jpeg"), zip(keys, images)))
+        list(pool.map(lambda kv: storage.put(settings.upload_bucket, kv[0], kv[1], "image/jpeg"), zip(keys, images, strict=True)))
     with session_scope(factory) as session:
         recorded = record_items(session, [NewItem(bucket=settings.upload_bucket, key=key, source="bench") for key in keys])
     ids = [r.item.id for r in recorded]
@@ -350,8 +355,8 @@ def _bench_key(factory) -> str:
 
 
 def run_bench(
-    images: int, unbatched_images: int, latency_seconds: float, rate: Optional[float], model_seconds: float,
-    images_from: Optional[Path], progress=print, log_dir: Optional[Path] = None, repeats: int = 3,
+    images: int, unbatched_images: int, latency_seconds: float, rate: float | None, model_seconds: float,
+    images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 3,
 ) -> BenchResult:
     from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory
@@ -425,7 +430,7 @@ def run_bench(
             ]
 
         progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
@@ -458,7 +463,7 @@ def run_bench(
 
         progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
         unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
             unbatched_runs = drain_runs("unbatched", unbatched_images)
@@ -511,7 +516,7 @@ class WorkerOnlyResult:
     phases_ms_per_image: dict
 
 
-def run_worker_only(images: int, images_from: Optional[Path], profile: Optional[Path] = None, progress=print) -> WorkerOnlyResult:
+def run_worker_only(images: int, images_from: Path | None, profile: Path | None = None, progress=print) -> WorkerOnlyResult:
     """Drive the BatchClassifier in this process from local storage and SQLite: the worker's data path alone."""
     import cProfile
 
@@ -535,7 +540,7 @@ def run_worker_only(images: int, images_from: Optional[Path], profile: Optional[
         factory = make_session_factory(make_engine(settings.resolved_database_url))
         pool = folder_jpegs(images_from, images + 64) if images_from else synthetic_jpegs(images + 64, seed=1)
         keys = [f"w/{index:06d}.jpg" for index in range(len(pool))]
-        for key, data in zip(keys, pool):
+        for key, data in zip(keys, pool, strict=True):
             storage.put(settings.upload_bucket, key, data, "image/jpeg")
         with session_scope(factory) as session:
             ids = [r.item.id for r in record_items(session, [NewItem(settings.upload_bucket, key) for key in keys])]
@@ -581,17 +586,17 @@ def bench_command(
     images: int = typer.Option(1024, help="Images for the end-to-end run."),
     unbatched_images: int = typer.Option(128, help="Images for the unbatched run."),
     latency_seconds: float = typer.Option(20.0, help="Duration of the fixed-rate latency run."),
-    rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
+    rate: float | None = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
-    images_from: Optional[Path] = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
+    images_from: Path | None = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
     repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by about 15 %)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    log_dir: Optional[Path] = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
+    log_dir: Path | None = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
     worker_only: bool = typer.Option(
         False, "--worker-only",
         help="Only drive the BatchClassifier in-process from local storage and SQLite (no broker, no S3 server).",
     ),
-    profile: Optional[Path] = typer.Option(None, help="With --worker-only: write cProfile stats of the timed run here."),
+    profile: Path | None = typer.Option(None, help="With --worker-only: write cProfile stats of the timed run here."),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print

@@ -13,9 +13,10 @@ import enum
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -37,8 +38,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    buckets: Mapped[list["TenantBucket"]] = relationship(
+    buckets: Mapped[list[TenantBucket]] = relationship(
         back_populates="tenant", order_by="TenantBucket.bucket", cascade="all, delete-orphan"
     )
 
@@ -201,10 +202,10 @@ class Item(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    verdicts: Mapped[list["Verdict"]] = relationship(
+    verdicts: Mapped[list[Verdict]] = relationship(
         back_populates="item", order_by="Verdict.created_at", cascade="all, delete-orphan"
     )
-    reviews: Mapped[list["Review"]] = relationship(
+    reviews: Mapped[list[Review]] = relationship(
         back_populates="item", order_by="Review.id", cascade="all, delete-orphan"
     )
 

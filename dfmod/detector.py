@@ -28,10 +28,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -95,7 +96,7 @@ class ModelMeta:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMeta":
+    def from_json(cls, text: str) -> ModelMeta:
         raw = json.loads(text)
         if raw.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a dfmod checkpoint (format {raw.get('format')!r})")
@@ -195,14 +196,14 @@ def to_pixels(image: Image.Image, meta: ModelMeta, out: np.ndarray | None = None
     return out
 
 
-def load_pixels(data: bytes, limits, meta: ModelMeta, out: np.ndarray | None = None) -> np.ndarray:
+def load_pixels(data: bytes, limits, meta: ModelMeta, out: np.ndarray | None = None, budget=None) -> np.ndarray:
     """Untrusted bytes -> the model's uint8 HWC input; raises :class:`dfmod.imaging.ImageRejected`.
 
     The whole per-image path of the worker and of evaluation: decode (towards the model's size), resize.
     """
     from dfmod.imaging import decode_image
 
-    return to_pixels(decode_image(data, limits, target=meta.image_size), meta, out)
+    return to_pixels(decode_image(data, limits, target=meta.image_size, budget=budget), meta, out)
 
 
 def stack_pixels(pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

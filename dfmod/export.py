@@ -24,9 +24,9 @@ import logging
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import typer
@@ -281,15 +281,15 @@ def export_command(
     checkpoint: Path = typer.Argument(..., help="The .safetensors checkpoint (e.g. one made by `dfmod train`)."),
     out: Path = typer.Option(..., "--out", help="Folder for the serving files (created)."),
     formats: list[str] = typer.Option(["onnx"], "--format", help="onnx (always written) and/or openvino (IR); repeat for both."),
-    calibration: Optional[Path] = typer.Option(
+    calibration: Path | None = typer.Option(
         None, help="Folder with Real/ and Fake/ images (the Validation split) to calibrate int8 on; no int8 without it."
     ),
     calibration_images: int = typer.Option(256, help="Calibration images (a seeded sample)."),
-    accept_on: Optional[Path] = typer.Option(
+    accept_on: Path | None = typer.Option(
         None, help="Folder with Real/ and Fake/ images (the Test split) on which each reduced precision must match "
         f"fp32 (ROC-AUC within {MAX_AUC_DROP}, labels agreeing >= {MIN_LABEL_AGREEMENT:.1%}) to be accepted."
     ),
-    accept_limit: Optional[int] = typer.Option(None, help="Use at most this many test images (a seeded sample)."),
+    accept_limit: int | None = typer.Option(None, help="Use at most this many test images (a seeded sample)."),
 ) -> None:
     """Export a checkpoint for serving: folded, dynamic batch, uint8 input, ModelMeta carried along."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,7 +47,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 class DecodedBatch:
     """uint8 (N, H, W, 3) pixels on ``device`` for the images that decoded, their indices, and the failures."""
 
-    pixels: "object"  # torch.Tensor
+    pixels: object  # torch.Tensor
     indices: list[int]
     failures: dict[int, ImageRejected]
     on_device: int  # how many were decoded by nvJPEG (the rest went through the CPU path)
@@ -62,7 +63,7 @@ def decode_to_pixels(
     when ``device`` is a visible CUDA device. (Forced on CPU, it is how the tests exercise it.)
     """
     import torch
-    import torch.nn.functional as F
+    from torch.nn import functional
     from torchvision.io import ImageReadMode, decode_jpeg
 
     height, width = meta.input_size[1:]
@@ -70,7 +71,7 @@ def decode_to_pixels(
     target = torch.device(device if on_cuda else "cpu")
     use_torch = on_cuda if torch_decode is None else torch_decode
     jpegs = [i for i, data in enumerate(datas) if use_torch and data[:3] == JPEG_MAGIC and len(data) <= limits.max_bytes]
-    rows: dict[int, "torch.Tensor"] = {}
+    rows: dict[int, torch.Tensor] = {}
     failures: dict[int, ImageRejected] = {}
     if jpegs:
         from dfmod.imaging import probe_image
@@ -91,9 +92,9 @@ def decode_to_pixels(
             logger.info("nvJPEG refused the batch (%s); decoding it on the CPU", exc)
             decoded = None
         if decoded is not None:
-            for i, image in zip(checked, decoded):
+            for i, image in zip(checked, decoded, strict=True):
                 # (3, h, w) uint8 -> (h, w, 3) uint8 at the model's size, still on the device
-                resized = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
+                resized = functional.interpolate(image[None].float(), size=(height, width), mode="bilinear",
                                         antialias=True, align_corners=False)
                 rows[i] = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
     on_device = len(rows)

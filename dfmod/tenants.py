@@ -36,7 +36,14 @@ from sqlalchemy import select, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod.db import (
-    DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME, ApiKey, Item, Tenant, TenantBucket, session_scope, utcnow,
+    DEFAULT_TENANT_ID,
+    DEFAULT_TENANT_NAME,
+    ApiKey,
+    Item,
+    Tenant,
+    TenantBucket,
+    session_scope,
+    utcnow,
 )
 from dfmod.errors import DfmodError
 from dfmod.settings import Settings
@@ -132,7 +139,7 @@ class Access:
     review_tenants: frozenset[str] | None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "Access":
+    def of(cls, key: ApiKey) -> Access:
         scopes = key.scope_set
         if "admin" in scopes:
             review = None

@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfmod.bench import synthetic_jpegs  # noqa: E402
-from dfmod.detector import default_checkpoint_path, load_pixels, read_meta, resolve_checkpoint_path  # noqa: E402
-from dfmod.gpu_pipeline import Prefetcher, decode_to_pixels, fetch_all, probabilities_on_device  # noqa: E402
-from dfmod.imaging import ImageLimits  # noqa: E402
+from dfmod.bench import synthetic_jpegs
+from dfmod.detector import default_checkpoint_path, load_pixels, read_meta, resolve_checkpoint_path
+from dfmod.gpu_pipeline import Prefetcher, decode_to_pixels, fetch_all, probabilities_on_device
+from dfmod.imaging import ImageLimits
 
 
 def _sync(device: str) -> None:

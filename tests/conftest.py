@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dfmod.loopback import free_port, moto_server
-from tests.utils.processes import REPO_ROOT, WorkerProcess
+from tests.utils.processes import WorkerProcess
 from tests.utils.receivers import CallbackReceiver
 
 POSTGRES_ADMIN_URL = os.environ.get("DFMOD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

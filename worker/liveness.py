@@ -23,10 +23,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 LOOP_FILE = "loop"
 BATCH_PREFIX = "batch-"

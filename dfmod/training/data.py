@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -172,7 +171,7 @@ def find_unreadable(samples: Iterable[Sample], limits: ImageLimits | None = None
     paths = [sample.path for sample in samples]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         reasons = list(pool.map(lambda path: _probe(path, limits), paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
 def check_readable(samples: Sequence[Sample], limits: ImageLimits | None = None, threads: int = 8) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dfmod.training import scores
-from dfmod.training.data import DatasetError, EvalDataset, Sample, scan_labelled_folder
+from dfmod.training.data import DatasetError, Sample, scan_labelled_folder
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _plot_confusion(matrix_at_threshold: dict, matrix_at_half: dict, threshold: 
 
     figure = Figure(figsize=(9, 4), layout="constrained")
     for axes, matrix, title in zip(figure.subplots(1, 2), (matrix_at_threshold, matrix_at_half),
-                                   (f"threshold {threshold:.4f}", "threshold 0.5")):
+                                   (f"threshold {threshold:.4f}", "threshold 0.5"), strict=True):
         values = np.asarray(matrix["matrix"])
         totals = values.sum(axis=1, keepdims=True)
         shares = np.divide(values, totals, out=np.zeros(values.shape, dtype=float), where=totals > 0)

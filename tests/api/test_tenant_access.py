@@ -143,13 +143,13 @@ def test_access_matrix(world, endpoint):
         for headers in ({}, bearer("dfmod_" + "u" * 43)):
             response = call(world, item, headers)
             assert response.status_code == 401, (endpoint, target, response.text)
-        for caller, status in zip(CALLERS, expected[target]):
+        for caller, _status in zip(CALLERS, expected[target], strict=True):
             response = call(world, item, bearer(world["keys"][caller]))
             observed[(target, caller)] = response.status_code
             if response.status_code == 404:
                 # "Not found", exactly as for an id that does not exist: nothing about the other tenant.
                 assert response.json() == {"error": "not_found", "message": f"no item {item}"}
-    wanted = {(target, caller): status for target in (OWN, OTHER) for caller, status in zip(CALLERS, expected[target])}
+    wanted = {(target, caller): status for target in (OWN, OTHER) for caller, status in zip(CALLERS, expected[target], strict=True)}
     assert observed == wanted
 
 
