@@ -577,11 +577,13 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
+from dfmod.export import export_command  # noqa: E402
 from dfmod.training.commands import evaluate_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("bench")(bench_command)
+app.command("export")(export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -54,10 +54,14 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     from dfmod.detector import Predictor
 
     predictor = Predictor(
-        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads
+        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
+        backend=settings.backend, precision=settings.precision,
     )
     predictor.warmup(min(settings.batch_size, 8))
-    telemetry.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
+    telemetry.MODEL_INFO.labels(
+        model_version=predictor.model_version, device=predictor.device, backend=predictor.backend,
+        backend_choice="auto" if predictor.choice.reason.startswith("auto") else "configured",
+    ).set(1)
     engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     factory = make_session_factory(engine)
     app = make_celery(settings)

@@ -36,8 +36,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
-from dfmod.detector import Predictor, to_pixels
-from dfmod.imaging import DecodeBudget, ImageRejected, decode_image
+from dfmod.detector import Predictor, load_pixels
+from dfmod.imaging import DecodeBudget, ImageRejected
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -258,8 +258,7 @@ class BatchClassifier:
             return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data, self.limits, target=self.predictor.meta.image_size, budget=self.decode_budget)
-            array = to_pixels(image, self.predictor.meta)
+            array = load_pixels(data, self.limits, self.predictor.meta, budget=self.decode_budget)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None
         except Exception as exc:  # a decoder bug must fail one item, not the batch

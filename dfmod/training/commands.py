@@ -155,6 +155,9 @@ def evaluate_command(
                                                           "metrics (default: manifest.csv in FOLDER or its "
                                                           "parent).", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    backend: Annotated[str, typer.Option(help="Inference backend: auto (what the service picks), torch, "
+                                              "onnxruntime or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, int8 or auto (what the service picks).")] = "auto",
 ) -> None:
     """Evaluate a checkpoint on Real/ and Fake/ images, as the worker would.
 
@@ -172,7 +175,8 @@ def evaluate_command(
     if manifest is not None and not manifest.is_file():
         raise _fail(FileNotFoundError(f"manifest {manifest} does not exist"))
     try:
-        result = evaluate(folder, checkpoint, report, device=device.value, batch_size=batch_size, workers=workers,
+        result = evaluate(folder, checkpoint, report, device=device.value, backend=backend, precision=precision,
+                          batch_size=batch_size, workers=workers,
                           limit_per_class=limit_per_class, manifest=manifest, progress=progress)
     except (DatasetError, ModelNotAvailable) as exc:
         raise _fail(exc) from None
