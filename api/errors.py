@@ -43,10 +43,16 @@ def as_dfmod_error(exc: Exception) -> DfmodError:
     return DfmodError("an unexpected error occurred; it has been logged", code="internal_error", http_status=500)
 
 
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: messages may quote hostile input (a lone surrogate would make a 500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 async def render_error(_request: Request, exc: Exception) -> JSONResponse:
     error = as_dfmod_error(exc)
     return JSONResponse(
-        {"error": error.code, "message": error.message}, status_code=error.http_status, headers=error.headers or None
+        {"error": error.code, "message": _printable(error.message)[:2000]}, status_code=error.http_status,
+        headers=error.headers or None,
     )
 
 

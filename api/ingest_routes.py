@@ -16,21 +16,32 @@ import hashlib
 import mimetypes
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, File, Form, Header, Request, UploadFile, status
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from api.auth import IngestKey, ReadKey, access, not_found
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
-from api.schemas import Accepted, EventRecordResult, EventsOut, ItemOut, RegisterIn
-from dfmod.db import Item
+from api.schemas import (
+    MAX_EVENT_RECORDS,
+    Accepted,
+    EventRecordResult,
+    EventsOut,
+    ItemId,
+    ItemOut,
+    RegisterIn,
+    S3Notification,
+    S3Record,
+    SourceLabel,
+)
+from dfmod.db import Item, session_scope
 from dfmod.errors import DfmodError, NotFound
 from dfmod.imaging import probe_image
-from dfmod.db import session_scope
 from dfmod.lifecycle import NewItem, record_and_enqueue
 from dfmod.storage import BucketNotAllowed, ObjectTooLarge, StorageError, validate_key
 from dfmod.tenants import events_enabled, may_ingest, tenant_for_events_token
@@ -67,7 +78,7 @@ def upload_image(
     storage: StorageDep,
     celery: CeleryDep,
     file: UploadFile = File(..., description="The image (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
-    source: str = Form("upload", max_length=255, description="Free-form origin, e.g. the platform's name."),
+    source: Annotated[SourceLabel, Form(description="Free-form origin, e.g. the platform's name.")] = "upload",
 ):
     data = file.file.read(settings.max_upload_bytes + 1)
     limits = settings.image_limits
@@ -145,35 +156,27 @@ def _event_tenant(request: Request, settings, authorization: str | None) -> str:
 
 def _parse_record(request: Request, record: Any, tenant_id: str) -> tuple[NewItem | None, EventRecordResult | None]:
     """One notification record -> an item to record, or the reason it is ignored or rejected."""
-    if not isinstance(record, dict):
+    try:
+        parsed = S3Record.model_validate(record)
+    except ValidationError:
         return None, EventRecordResult(status="rejected", reason="malformed_record")
-    event_name = str(record.get("eventName", ""))
-    s3 = record.get("s3")
-    if not isinstance(s3, dict) or not isinstance(s3.get("bucket"), dict) or not isinstance(s3.get("object"), dict):
-        return None, EventRecordResult(status="rejected", reason="malformed_record")
-    bucket = s3["bucket"].get("name")
-    raw_key = s3["object"].get("key")
-    if not isinstance(bucket, str) or not isinstance(raw_key, str) or not bucket or not raw_key:
-        return None, EventRecordResult(status="rejected", reason="malformed_record")
+    bucket, obj = parsed.s3.bucket.name, parsed.s3.object
     # S3 and MinIO URL-encode keys in notifications, with '+' for spaces.
-    key = unquote_plus(raw_key)
-    if not event_name.removeprefix("s3:").startswith("ObjectCreated:"):
-        return None, EventRecordResult(bucket=bucket, key=key, status="ignored", reason=f"event {event_name or '?'}")
-    if not may_ingest(request.app.state.buckets, tenant_id, bucket, key):
-        return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason="bucket_not_allowed")
+    key = unquote_plus(obj.key)
+    if not parsed.event_name.removeprefix("s3:").startswith("ObjectCreated:"):
+        return None, EventRecordResult(
+            bucket=bucket, key=key, status="ignored", reason=f"event {parsed.event_name[:128] or '?'}"
+        )
     try:
         validate_key(key)
     except StorageError as exc:
-        return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason=exc.reason)
-    obj = s3["object"]
-    etag = str(obj.get("eTag") or obj.get("etag") or "").strip('"') or None
-    version_id = obj.get("versionId") or obj.get("versionid") or None
-    size = obj.get("size")
+        return None, EventRecordResult(bucket=bucket, status="rejected", reason=exc.reason)
+    if not may_ingest(request.app.state.buckets, tenant_id, bucket, key):
+        return None, EventRecordResult(bucket=bucket, key=key, status="rejected", reason="bucket_not_allowed")
+    etag = (obj.etag or "").strip('"') or None
     new = NewItem(
-        bucket=bucket, key=key, version=str(version_id or etag or ""), etag=etag,
-        size=int(size) if isinstance(size, (int, float)) else None,
-        content_type=obj.get("contentType") if isinstance(obj.get("contentType"), str) else None,
-        source=f"s3:{bucket}", ingest="s3-event", tenant_id=tenant_id,
+        bucket=bucket, key=key, version=obj.version_id or etag or "", etag=etag, size=obj.size,
+        content_type=obj.content_type, source=f"s3:{bucket}", ingest="s3-event", tenant_id=tenant_id,
     )
     return new, None
 
@@ -181,7 +184,7 @@ def _parse_record(request: Request, record: Any, tenant_id: str) -> tuple[NewIte
 @router.post(
     "/events/s3",
     response_model=EventsOut,
-    responses={400: {}, 401: {}, 404: {}},
+    responses={400: {}, 401: {}, 404: {}, 413: {}},
     summary="S3 / MinIO bucket notifications (ObjectCreated:*)",
 )
 async def s3_events(
@@ -190,17 +193,25 @@ async def s3_events(
     from starlette.concurrency import run_in_threadpool
 
     tenant_id = await run_in_threadpool(_event_tenant, request, settings, authorization)
+    body = await request.body()  # bounded by the body-limit middleware
     try:
-        payload = await request.json()
-    except ValueError as exc:
-        raise DfmodError("body is not JSON", code="malformed_event") from exc
-    if isinstance(payload, dict) and "Records" not in payload and payload.get("Event") == "s3:TestEvent":
+        payload = S3Notification.model_validate_json(body)
+    except ValidationError as exc:
+        if "too_long" in {error["type"] for error in exc.errors()}:
+            raise DfmodError(
+                f"at most {MAX_EVENT_RECORDS} records per call; split the notification", code="too_many_records",
+                http_status=status.HTTP_413_CONTENT_TOO_LARGE,
+            ) from exc
+        raise DfmodError(
+            "expected an S3 notification: a JSON object with Records[] (nested at most 200 levels deep)",
+            code="malformed_event",
+        ) from exc
+    if payload.records is None and payload.event == "s3:TestEvent":
         return EventsOut(accepted=0, duplicates=0, ignored=1, rejected=0, records=[EventRecordResult(status="ignored", reason="test event")])
-    records = payload.get("Records") if isinstance(payload, dict) else None
-    if not isinstance(records, list) or not records:
+    if not payload.records:
         raise DfmodError("expected an S3 notification with Records[]", code="malformed_event")
     # Database and broker calls are blocking: run them off the event loop.
-    return await run_in_threadpool(_record_events, request, settings, records, tenant_id)
+    return await run_in_threadpool(_record_events, request, settings, payload.records, tenant_id)
 
 
 def _record_events(request: Request, settings, records: list, tenant_id: str) -> JSONResponse:
@@ -216,7 +227,7 @@ def _record_events(request: Request, settings, records: list, tenant_id: str) ->
         recorded = record_and_enqueue(
             session, factory, request.app.state.celery, settings, [new for _, new in to_record]
         )
-    for (index, new), rec in zip(to_record, recorded):
+    for (index, new), rec in zip(to_record, recorded, strict=True):
         if rec.item.tenant_id != tenant_id:  # another tenant's item already: refuse, and name nothing
             results[index] = EventRecordResult(bucket=new.bucket, key=new.key, status="rejected", reason="bucket_not_allowed")
             continue
@@ -231,13 +242,17 @@ def _record_events(request: Request, settings, records: list, tenant_id: str) ->
     )
     # All records rejected: tell the sender clearly (4xx) rather than pretending it worked.
     code = status.HTTP_400_BAD_REQUEST if counts["rejected"] == len(final) else status.HTTP_200_OK
+    if code == status.HTTP_400_BAD_REQUEST:
+        # The error shape too, so a sender that only reads "error" sees that nothing was accepted.
+        body.error = "all_records_rejected"
+        body.message = f"none of the {len(final)} record(s) was accepted; see records[].reason"
     if counts["accepted"]:
         code = status.HTTP_202_ACCEPTED
-    return JSONResponse(body.model_dump(mode="json"), status_code=code)
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=code)
 
 
 @router.get("/images/{item_id}", response_model=ItemOut, responses={404: {}}, summary="An item's status and verdict")
-def get_image(item_id: str, key: ReadKey, session: SessionDep) -> ItemOut:
+def get_image(item_id: ItemId, key: ReadKey, session: SessionDep) -> ItemOut:
     item = session.scalars(select(Item).where(Item.id == item_id).options(selectinload(Item.verdicts))).first()
     if item is None or not access(key).can_read(item.tenant_id):
         raise not_found(item_id)

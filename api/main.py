@@ -22,9 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 
 from api import admin_routes, ingest_routes, review_routes, tenant_routes
+from api.body_limit import BodyLimitMiddleware, route_limits
 from api.errors import install_error_handlers
 from api.ratelimit import RateLimiter
-
 from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
@@ -32,7 +32,6 @@ from dfmod.queue_depth import QueueDepthCollector
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 from dfmod.tenants import BucketDirectory
-
 
 STATIC = Path(__file__).resolve().parent / "static"
 REVIEW_PAGE = STATIC / "review"
@@ -109,6 +108,9 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry.HTTP_SECONDS.labels(request.method, template).observe(time.perf_counter() - started)
         return response
 
+    # Outermost: bodies over a route's limit are refused before any other middleware, auth or parsing.
+    app.add_middleware(BodyLimitMiddleware, limits=route_limits(settings.max_upload_bytes))
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
         return {"status": "ok"}
@@ -120,6 +122,8 @@ def create_app(settings: Settings) -> FastAPI:
             "broker": _check_broker(app),
             "storage": _check_storage(app),
         }
+        if settings.ready_requires_worker:
+            checks["worker"] = _check_consumers(settings)
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
@@ -153,6 +157,16 @@ def _check_broker(app: FastAPI) -> str:
     except Exception as exc:  # noqa: BLE001
         return f"error: {type(exc).__name__}: {exc}"
     return "ok"
+
+
+def _check_consumers(settings: Settings) -> str:
+    from dfmod.consumers import live_consumers
+
+    try:
+        count = live_consumers(settings, settings.queue)
+    except Exception as exc:  # noqa: BLE001
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok" if count else f"error: no worker is consuming {settings.queue}"
 
 
 def _check_storage(app: FastAPI) -> str:

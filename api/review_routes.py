@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from PIL import Image
 from sqlalchemy import select
@@ -22,15 +22,27 @@ from sqlalchemy.orm import selectinload
 from api.auth import ReviewKey, access, link_or_key, not_found, require, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, after_commit
 from api.schemas import (
-    ClaimIn, ClaimOut, ItemDetail, ItemPage, ItemSummary, ReleaseIn, RetractIn, ReviewIn, ReviewOut, VerdictOut,
+    ClaimIn,
+    ClaimOut,
+    ItemDetail,
+    ItemId,
+    ItemPage,
+    ItemSummary,
+    QueryTime,
+    ReleaseIn,
+    RetractIn,
+    ReviewIn,
+    ReviewOut,
+    StorableText,
+    VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus, Tenant
-from dfmod.errors import Conflict, DfmodError, NotFound, Unavailable
-from dfmod.imaging import decode_image, probe_image
+from dfmod.errors import Conflict, DfmodError, Unavailable
+from dfmod.imaging import DecodeBudget, decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
-from dfmod.storage import ObjectNotFound, heatmap_key
+from dfmod.storage import ObjectNotFound, StorageError, heatmap_key, thumbnail_key
 from dfmod.tenants import has_callback
 
 router = APIRouter(prefix="/v1")
@@ -114,13 +126,13 @@ def list_items(
     status_: Literal["queued", "processing", "classified", "failed"] | None = Query(None, alias="status"),
     min_score: float | None = Query(None, ge=0.0, le=1.0, description="Fake probability at least this."),
     max_score: float | None = Query(None, ge=0.0, le=1.0, description="Fake probability at most this."),
-    model_version: str | None = Query(None, max_length=128),
-    source: str | None = Query(None, max_length=255),
+    model_version: Annotated[StorableText, Query(max_length=128)] | None = None,
+    source: Annotated[StorableText, Query(max_length=255)] | None = None,
     reviewed: bool | None = Query(None, description="true: has a current decision; false: has none."),
     decision: Literal["confirmed_fake", "overturned_real", "escalated"] | None = Query(None),
     in_review: bool | None = Query(None, description="true: flagged or within the review band."),
-    since: datetime | None = Query(None, description="Created at or after (ISO 8601; UTC if no zone)."),
-    until: datetime | None = Query(None, description="Created before (ISO 8601; UTC if no zone)."),
+    since: QueryTime | None = Query(None, description="Created at or after (ISO 8601; UTC if no zone)."),
+    until: QueryTime | None = Query(None, description="Created before (ISO 8601; UTC if no zone)."),
     order: Literal["newest", "oldest", "score_desc", "score_asc"] = Query("newest"),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=1000, description="next_cursor of the previous page."),
@@ -139,7 +151,7 @@ def list_items(
 
 
 @router.get("/items/{item_id}", response_model=ItemDetail, summary="An item with every verdict, review and image link")
-def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
+def get_item(item_id: ItemId, request: Request, key: ReviewKey, session: SessionDep, settings: SettingsDep) -> ItemDetail:
     return _detail(request, key, _load_item(session, item_id, key), settings.image_link_ttl_s)
 
 
@@ -148,19 +160,40 @@ def get_item(item_id: str, request: Request, key: ReviewKey, session: SessionDep
     responses={200: {"content": {"image/*": {}}}, 403: {}, 404: {}, 422: {}},
 )
 def item_image(
-    item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    item_id: ItemId, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     variant: Literal["thumb", "full"] = Query("full"),
 ) -> Response:
     item = _visible_item(session, item_id, link_or_key(request, session, item_id, variant))
+    if variant == "thumb":
+        # Made once and kept next to the heatmaps: a reviewer's page never costs a full decode per view.
+        try:
+            cached = storage.get(settings.upload_bucket, thumbnail_key(item.id), settings.max_upload_bytes)
+            return Response(cached, media_type="image/jpeg", headers=_IMAGE_HEADERS)
+        except ObjectNotFound:
+            pass
     data = storage.get(item.bucket, item.key, settings.max_upload_bytes)
     limits = settings.image_limits
     if variant == "full":
         return Response(data, media_type=probe_image(data, limits).mime, headers=_IMAGE_HEADERS)
-    image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    image = decode_image(data, limits, target=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), budget=_decode_budget(request))
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=82)
-    return Response(buffer.getvalue(), media_type="image/jpeg", headers=_IMAGE_HEADERS)
+    thumbnail = buffer.getvalue()
+    try:
+        storage.put(settings.upload_bucket, thumbnail_key(item.id), thumbnail, content_type="image/jpeg")
+    except StorageError:
+        pass  # served anyway; the next view makes it again
+    return Response(thumbnail, media_type="image/jpeg", headers=_IMAGE_HEADERS)
+
+
+def _decode_budget(request: Request) -> DecodeBudget:
+    """One decode budget per API process, shared by its request threads."""
+    state = request.app.state
+    budget = getattr(state, "decode_budget", None)
+    if budget is None:
+        budget = state.decode_budget = DecodeBudget(state.settings.decode_budget_pixels)
+    return budget
 
 
 @router.get(
@@ -168,7 +201,7 @@ def item_image(
     responses={200: {"content": {"image/png": {}}}, 202: {}, 403: {}, 404: {}, 409: {}},
 )
 def item_heatmap(
-    item_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+    item_id: ItemId, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
     celery: CeleryDep, model_version: str | None = Query(None, max_length=128),
 ) -> Response:
     item = _visible_item(session, item_id, link_or_key(request, session, item_id, "heatmap"))
@@ -185,7 +218,7 @@ def item_heatmap(
     if now - requested.get((item_id, version), -_HEATMAP_REQUEST_EVERY_S) >= _HEATMAP_REQUEST_EVERY_S:
         try:
             send_events(celery, settings, HEATMAP_TASK, [[item_id, version]])
-        except Exception as exc:  # noqa: BLE001 - any broker fault: tell the reviewer, not a 500
+        except Exception as exc:  # any broker fault: tell the reviewer, not a 500
             raise Unavailable("cannot queue the heatmap now", code="broker_unavailable") from exc
         requested[(item_id, version)] = now
     return JSONResponse(
@@ -200,7 +233,7 @@ def item_heatmap(
     summary="Record a decision (append-only; the latest one is the item's current decision)",
 )
 def add_review(
-    item_id: str, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: ItemId, body: ReviewIn, key: ReviewKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     idempotency_key: str | None = Header(None, max_length=64),
 ):
     review, created = reviews.record_review(
@@ -219,7 +252,7 @@ def add_review(
     summary="Undo the item's current decision (appends a retraction); by its author or an admin key",
 )
 def retract_review(
-    item_id: str, review_id: int, key: RetractKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+    item_id: ItemId, review_id: Annotated[int, Path(ge=1, le=2**31 - 1)], key: RetractKey, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
     body: RetractIn | None = None,
 ) -> ReviewOut:
     retraction = reviews.retract_review(
@@ -253,7 +286,7 @@ def release(body: ReleaseIn, key: ReviewKey, session: SessionDep) -> dict:
 @router.get("/stats", summary="Counts by label, status, decision and day; agreement; backlogs")
 def stats(
     key: ReviewKey, session: SessionDep, settings: SettingsDep,
-    since: datetime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
-    until: datetime | None = Query(None, description="Items created before."),
+    since: QueryTime | None = Query(None, description="Items created at or after (ISO 8601; UTC if no zone)."),
+    until: QueryTime | None = Query(None, description="Items created before."),
 ) -> dict:
     return reviews.stats(session, settings.review_band, _utc(since), _utc(until), visible=access(key).review_filter())

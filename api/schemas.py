@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from fastapi import Path
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from dfmod.db import ApiKey, Item, Review, Tenant, Verdict
+
+# --- edge types: what the database columns and the stores can hold --------------------------------
+
+
+def _storable_text(value: str) -> str:
+    # Postgres text cannot hold NUL, and a lone surrogate cannot be encoded at all (nor sent back in a
+    # response): refuse both here rather than fail later in the database or the serialiser.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable_text)]
+"""Any string that can be stored and echoed: no NUL, no lone surrogates (length set per field)."""
+
+# The columns' sizes (dfmod.db): String(255) for buckets and sources, String(1024) for keys.
+BucketName = Annotated[StorableText, Field(min_length=1, max_length=255)]
+ObjectKey = Annotated[StorableText, Field(min_length=1, max_length=1024)]
+SourceLabel = Annotated[StorableText, Field(min_length=1, max_length=255)]
+ItemId = Annotated[StorableText, Path(max_length=36, description="The item's id.")]
+
+
+def _utc_instant(value: datetime) -> datetime:
+    # A time without a zone is read as UTC, the zone every stored timestamp is in. A time whose UTC
+    # equivalent leaves the calendar (0001-01-01T00:00:00+14:00) is not a time any item can have.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("the time is outside the representable calendar once converted to UTC") from None
+
+
+QueryTime = Annotated[datetime, AfterValidator(_utc_instant)]
+"""An ISO 8601 time for filters, normalised to UTC."""
 
 
 class VerdictOut(BaseModel):
@@ -22,7 +63,7 @@ class VerdictOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, verdict: Verdict) -> "VerdictOut":
+    def of(cls, verdict: Verdict) -> VerdictOut:
         return cls(
             label=verdict.label, fake_probability=verdict.fake_probability, threshold=verdict.threshold,
             model_version=verdict.model_version, inference_ms=verdict.inference_ms, batch_size=verdict.batch_size,
@@ -50,7 +91,7 @@ class ItemOut(BaseModel):
     verdicts: list[VerdictOut] = Field(default_factory=list, description="One per model version.")
 
     @classmethod
-    def of(cls, item: Item, with_verdicts: bool = True) -> "ItemOut":
+    def of(cls, item: Item, with_verdicts: bool = True) -> ItemOut:
         verdicts = [VerdictOut.of(v) for v in sorted(item.verdicts, key=lambda v: v.created_at)] if with_verdicts else []
         return cls(
             id=item.id, status=item.status.value, bucket=item.bucket, key=item.key, source=item.source,
@@ -76,9 +117,55 @@ class Accepted(BaseModel):
 
 
 class RegisterIn(BaseModel):
-    bucket: str = Field(min_length=1, max_length=255)
-    key: str = Field(min_length=1, max_length=1024)
-    source: str | None = Field(None, max_length=255, description="Free-form origin, e.g. the platform's name.")
+    bucket: BucketName
+    key: ObjectKey
+    source: SourceLabel | None = Field(None, description="Free-form origin, e.g. the platform's name.")
+
+
+# --- S3 / MinIO notifications ---------------------------------------------------------------------
+
+MAX_EVENT_RECORDS = 1000
+"""Records one notification call may carry (S3 sends one per call; MinIO batches at most a few hundred)."""
+
+
+def _no_float_size(value: Any) -> Any:
+    # Object sizes are whole bytes: 1e308, Infinity and NaN are not sizes (JSON numbers arrive as floats).
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError("size must be a whole number of bytes")
+    return value
+
+
+class S3Bucket(BaseModel):
+    name: BucketName
+
+
+class S3Object(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    key: ObjectKey
+    size: Annotated[int | None, BeforeValidator(_no_float_size)] = Field(None, ge=0, le=2**53)
+    etag: Annotated[StorableText, Field(max_length=255)] | None = Field(None, alias="eTag")
+    version_id: Annotated[StorableText, Field(max_length=255)] | None = Field(None, alias="versionId")
+    content_type: Annotated[StorableText, Field(max_length=255)] | None = Field(None, alias="contentType")
+
+
+class S3Entity(BaseModel):
+    bucket: S3Bucket
+    object: S3Object
+
+
+class S3Record(BaseModel):
+    """One record of an S3/MinIO notification; a record that does not fit is rejected on its own."""
+
+    event_name: Annotated[StorableText, Field(max_length=128)] = Field("", alias="eventName")
+    s3: S3Entity
+
+
+class S3Notification(BaseModel):
+    """The envelope: ``Records`` (each validated separately, see :class:`S3Record`) or a test event."""
+
+    records: list[Any] | None = Field(None, alias="Records", max_length=MAX_EVENT_RECORDS)
+    event: Annotated[StorableText, Field(max_length=128)] | None = Field(None, alias="Event")
 
 
 class EventRecordResult(BaseModel):
@@ -90,6 +177,8 @@ class EventRecordResult(BaseModel):
 
 
 class EventsOut(BaseModel):
+    error: str | None = Field(None, description="Set (e.g. all_records_rejected) when no record was accepted.")
+    message: str | None = None
     accepted: int
     duplicates: int
     ignored: int
@@ -114,7 +203,7 @@ class ReviewOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, review: Review, retracted: bool = False) -> "ReviewOut":
+    def of(cls, review: Review, retracted: bool = False) -> ReviewOut:
         return cls(
             id=review.id, decision=review.decision, note=review.note, reviewer=review.reviewer,
             retracts=review.retracts_id, retracted=retracted, model_label=review.model_label,
@@ -141,7 +230,7 @@ class ItemSummary(BaseModel):
     sha256: str | None = Field(None, description="SHA-256 of the bytes: equal for identical uploads (the review page marks them).")
 
     @classmethod
-    def of(cls, item: Item, thumbnail_url: str | None = None) -> "ItemSummary":
+    def of(cls, item: Item, thumbnail_url: str | None = None) -> ItemSummary:
         return cls(
             id=item.id, status=item.status.value, source=item.source, created_at=item.created_at, score=item.score,
             label=item.label, threshold=item.threshold,
@@ -172,11 +261,11 @@ class ItemDetail(ItemSummary):
 
 class ReviewIn(BaseModel):
     decision: Decision
-    note: str | None = Field(None, max_length=4000)
+    note: Annotated[StorableText, Field(max_length=4000)] | None = None
 
 
 class RetractIn(BaseModel):
-    note: str | None = Field(None, max_length=4000)
+    note: Annotated[StorableText, Field(max_length=4000)] | None = None
 
 
 class ClaimIn(BaseModel):
@@ -190,14 +279,14 @@ class ClaimOut(BaseModel):
 
 
 class ReleaseIn(BaseModel):
-    ids: list[str] = Field(max_length=500)
+    ids: list[Annotated[StorableText, Field(max_length=36)]] = Field(max_length=500)
 
 
 # --- keys ------------------------------------------------------------------------------------------
 
 
 class KeyIn(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
+    name: Annotated[StorableText, Field(min_length=1, max_length=255)]
     scopes: list[Literal["ingest", "review", "admin"]] = Field(min_length=1)
     tenants: list[str] = Field(
         default_factory=list, max_length=100,
@@ -217,7 +306,7 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None = None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "KeyOut":
+    def of(cls, key: ApiKey) -> KeyOut:
         return cls(
             id=key.id, name=key.name, prefix=key.prefix, scopes=sorted(key.scope_set),
             tenant=key.tenant.name if key.tenant is not None else None,
@@ -278,7 +367,7 @@ class TenantOut(BaseModel):
     disabled_at: datetime | None = None
 
     @classmethod
-    def of(cls, tenant: Tenant) -> "TenantOut":
+    def of(cls, tenant: Tenant) -> TenantOut:
         return cls(
             id=tenant.id, name=tenant.name, callback_url=tenant.callback_url,
             has_callback_secret=tenant.callback_secret_encrypted is not None,

@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def enqueue_events(app: Celery | None, settings: Settings, events: list[tuple[st
         return 0
     try:
         return send_events(app, settings, CALLBACK_TASK, [list(event) for event in events])
-    except Exception:  # noqa: BLE001 - the verdict or review is already committed; do not fail it
+    except Exception:  # the verdict or review is already committed; do not fail it
         telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
         logger.warning("could not enqueue %d callback event(s)", len(events), exc_info=True)
         return 0
@@ -143,6 +144,21 @@ def build_event(session: Session, event_type: str, item_id: str, ref: str) -> di
     else:
         raise ValueError(f"unknown callback event type {event_type!r}")
     return body
+
+
+MAX_RESPONSE_BYTES = 4096
+"""Most of a receiver's answer read (for the delivery log): the status is what counts."""
+
+
+def _post_bounded(client, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """POST and read at most :data:`MAX_RESPONSE_BYTES` of the answer, however much the receiver sends."""
+    with client.stream("POST", url, content=body, headers=headers) as response:
+        received = bytearray()
+        for chunk in response.iter_raw():
+            received += chunk[: MAX_RESPONSE_BYTES - len(received)]
+            if len(received) >= MAX_RESPONSE_BYTES:
+                break
+        return response.status_code, received.decode("utf-8", "replace")
 
 
 @dataclass
@@ -195,21 +211,34 @@ def deliver(
     }
     started = time.perf_counter()
     result = DeliveryResult(retry=False)
+    own = None
+    deadline = None
+    if client is None:
+        own = client = httpx.Client(timeout=settings.callback_timeout_s, follow_redirects=False)
+        # httpx's timeouts are per read: a receiver trickling a byte every few seconds never trips them.
+        # Closing the client from a timer ends the attempt at the next read, whatever the receiver does.
+        deadline = threading.Timer(settings.callback_deadline_s, own.close)
+        deadline.daemon = True
+        deadline.start()
     try:
-        if client is None:
-            with httpx.Client(timeout=settings.callback_timeout_s, follow_redirects=False) as own:
-                response = own.post(url, content=body, headers=headers)
-        else:
-            response = client.post(url, content=body, headers=headers)
-        result.status_code = response.status_code
-        if 200 <= response.status_code < 300:
+        status_code, text = _post_bounded(client, url, body, headers)
+        result.status_code = status_code
+        if 200 <= status_code < 300:
             result.delivered = True
         else:
-            result.error = f"HTTP {response.status_code}: {response.text[:200]}"
-            result.retry = response.status_code >= 500 or response.status_code in _RETRYABLE_STATUS
+            result.error = f"HTTP {status_code}: {text[:200]}"
+            result.retry = status_code >= 500 or status_code in _RETRYABLE_STATUS
     except httpx.HTTPError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"[:2000]
+        overdue = deadline is not None and not deadline.is_alive()
+        result.error = (f"deadline of {settings.callback_deadline_s}s exceeded: " if overdue else "") + (
+            f"{type(exc).__name__}: {exc}"[:2000]
+        )
         result.retry = True
+    finally:
+        if deadline is not None:
+            deadline.cancel()
+        if own is not None:
+            own.close()
     if result.retry and attempt >= settings.callback_max_attempts:
         result.retry = False
         result.error = f"{result.error} (gave up after {attempt} attempts)"

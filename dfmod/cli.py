@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,6 +26,19 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _global_options(
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", envvar="DFMOD_DATA_DIR",
+        help="Where the embedded database, broker and objects live (DFMOD_DATA_DIR); every command uses it.",
+    ),
+) -> None:
+    # Commands read Settings from the environment, so one place makes `dfmod --data-dir D keys list`
+    # find the same database as `dfmod up --data-dir D`, from any working directory.
+    if data_dir is not None:
+        os.environ["DFMOD_DATA_DIR"] = str(data_dir.resolve())
+
+
 def _settings(**overrides):
     from dfmod.settings import Settings
 
@@ -36,6 +48,21 @@ def _settings(**overrides):
 
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level_option() -> typer.models.OptionInfo:
+    """The one ``--log-level`` option every long-running command takes (the same spelling everywhere)."""
+    return typer.Option("info", "--log-level", help=f"One of {', '.join(LOG_LEVELS)} (any case).")
+
+
+def _checked_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    return level
 
 
 def _fail(message: str) -> None:
@@ -66,10 +93,13 @@ def api(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
-    log_level: str = typer.Option("info"),
+    log_level: str = _log_level_option(),
 ) -> None:
     """Run the HTTP API (uvicorn). Does not load the model and does not migrate."""
     import uvicorn
+
+    log_level = _checked_level(log_level)
+    _logging(log_level.upper())
 
     if workers > 1:
         uvicorn.run("api.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
@@ -81,18 +111,23 @@ def api(
 
 @app.command()
 def worker(
-    loglevel: str = typer.Option("INFO", help="Celery log level."),
-    hostname: Optional[str] = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+    log_level: str = _log_level_option(),
+    hostname: str | None = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+    queues: str | None = typer.Option(
+        None, help="Comma-separated queues to consume (default: the classify and the events queue). "
+        "Run `--queues dfmod-events` as its own process so slow callback receivers never hold classification.",
+    ),
 ) -> None:
     """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
     from dfmod.detector import ModelNotAvailable
 
+    level = _checked_level(log_level).upper()
     settings = _settings()
-    _logging(loglevel)
+    _logging(level)
     from worker.app import run_worker
 
     try:
-        run_worker(settings, loglevel=loglevel, hostname=hostname)
+        run_worker(settings, log_level=level, hostname=hostname, queues=queues.split(",") if queues else None)
     except ModelNotAvailable as exc:
         _fail(str(exc))
 
@@ -197,7 +232,7 @@ def keys_list(all_keys: bool = typer.Option(False, "--all", help="Include revoke
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
 
 
 @keys_app.command("revoke")
@@ -261,10 +296,10 @@ def _echo_secrets(made) -> None:
 @tenants_app.command("create")
 def tenants_create(
     name: str = typer.Option(..., "--name", help="The platform's name (a-z 0-9 . _ -)."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
     bucket: list[str] = typer.Option([], "--bucket", help="A bucket of its own (repeat); a bucket has one tenant."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold (default: the model's)."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold (default: the model's)."),
+    review_band: float | None = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
 ) -> None:
     """Create a tenant; prints its events token and callback secret, shown this once."""
     from dfmod import tenants
@@ -299,11 +334,11 @@ def tenants_list() -> None:
 @tenants_app.command("update")
 def tenants_update(
     name: str = typer.Argument(..., help="The tenant's name or id."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
     add_bucket: list[str] = typer.Option([], "--add-bucket", help="Give it a bucket (repeat)."),
     remove_bucket: list[str] = typer.Option([], "--remove-bucket", help="Take a bucket away (repeat)."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold."),
+    review_band: float | None = typer.Option(None, help="Its review band."),
     enable: bool = typer.Option(False, "--enable", help="Enable a disabled tenant."),
     rotate_callback_secret: bool = typer.Option(
         False, "--rotate-callback-secret", help="New callback secret (printed once); the old one signs too during --overlap."
@@ -347,6 +382,17 @@ def tenants_disable(name: str = typer.Argument(..., help="The tenant's name or i
     _tenant_command(action)
 
 
+@tenants_app.command("reencrypt")
+def tenants_reencrypt() -> None:
+    """Re-encrypt every tenant's callback secret with the first DFMOD_SECRET_KEY (after adding a new key first)."""
+    from dfmod import tenants
+
+    def action(session, settings):
+        typer.echo(f"re-encrypted {tenants.reencrypt_secrets(session, tenants.secret_box(settings))} secret(s)")
+
+    _tenant_command(action)
+
+
 @tenants_app.command("secret-key")
 def tenants_secret_key() -> None:
     """Print a new random DFMOD_SECRET_KEY (the key that encrypts tenants' callback secrets)."""
@@ -359,7 +405,7 @@ def tenants_secret_key() -> None:
 def up(
     host: str = typer.Option("127.0.0.1", help="Interface for the API."),
     port: int = typer.Option(8000, help="Port for the API."),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded database, broker and objects live."),
+    data_dir: Path | None = typer.Option(None, help="Where the embedded database, broker and objects live."),
 ) -> None:
     """Run API and worker together on embedded defaults: SQLite, a local folder, a filesystem broker.
 
@@ -381,16 +427,36 @@ def up(
     migrations.upgrade(settings)
     api_key = _up_key(settings)
 
-    child_env = dict(os.environ, DFMOD_DATA_DIR=str(settings.data_dir.resolve()))
-    worker_process = subprocess.Popen([sys.executable, "-m", "dfmod", "worker"], env=child_env)
+    from dfmod.loopback import free_port
+
+    child_env = dict(
+        os.environ,
+        DFMOD_DATA_DIR=str(settings.data_dir.resolve()),
+        # Each worker's metrics on a free loopback port: a second `dfmod up` never collides with the first.
+        DFMOD_METRICS_ADDR="127.0.0.1",
+    )
+    # Classification and callback/heatmap deliveries in separate processes: a slow callback receiver can
+    # never hold the worker that classifies.
+    def worker_env(name: str) -> dict[str, str]:
+        # Each worker its own metrics port and its own liveness heartbeat folder.
+        heartbeat = settings.data_dir.resolve() / "heartbeat" / name
+        return child_env | {"DFMOD_METRICS_PORT": str(free_port()), "DFMOD_HEARTBEAT_DIR": str(heartbeat)}
+
+    workers = [
+        WorkerSupervisor("classify", ["--queues", settings.queue], worker_env("classify")),
+        WorkerSupervisor("events", ["--queues", settings.events_queue], worker_env("events")),
+    ]
+    for supervised in workers:
+        supervised.start()
 
     def _stop_worker(*_args) -> None:
-        if worker_process.poll() is None:
-            worker_process.send_signal(signal.SIGTERM)
-            try:
-                worker_process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_process.kill()
+        for supervised in workers:
+            supervised.stop()
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default handler that
+    # would kill this process before it stops its workers. Our handler turns it into a normal exit.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
 
     base = f"http://{host}:{port}"
     typer.secho(
@@ -409,11 +475,88 @@ def up(
 
     try:
         time.sleep(0.5)
-        if worker_process.poll() is not None:
-            _fail("the worker exited at start; see its log above")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        if any(supervised.process.poll() is not None for supervised in workers):
+            _fail("a worker exited at start; see its log above")
+        for supervised in workers:
+            supervised.watch()
+        # One machine, one stack: not ready while no worker consumes (uploads would wait for ever).
+        api_settings = settings.model_copy(update={"ready_requires_worker": True})
+        uvicorn.run(create_app(api_settings), host=host, port=port, log_level="info")
     finally:
         _stop_worker()
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the kernel sends the child SIGTERM when the process that started it dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    os.setpgrp()  # a Ctrl-C in the terminal reaches `dfmod up`, which stops the workers in order
+
+
+class WorkerSupervisor:
+    """One ``dfmod worker`` child of ``dfmod up``: started, restarted if it crashes, stopped with its parent."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], restart_delay_s: float = 2.0) -> None:
+        import threading
+
+        self.name = name
+        self.args = args
+        self.env = env
+        self.restart_delay_s = restart_delay_s
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            preexec = _die_with_parent if sys.platform.startswith("linux") else None
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dfmod", "worker", *self.args, "--hostname", f"{self.name}-{os.getpid()}@%h"],
+                env=self.env, preexec_fn=preexec,
+            )
+
+    def watch(self) -> None:
+        import threading
+
+        def loop() -> None:
+            while not self._stopping.wait(1.0):
+                process = self.process
+                if process is not None and process.poll() is not None and not self._stopping.is_set():
+                    self.restarts += 1
+                    logging.getLogger("dfmod.up").warning(
+                        "the %s worker exited with %s; restarting it (restart %d)", self.name, process.returncode,
+                        self.restarts,
+                    )
+                    if self._stopping.wait(self.restart_delay_s):
+                        return
+                    self.start()
+
+        threading.Thread(target=loop, name=f"dfmod-supervise-{self.name}", daemon=True).start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _up_key(settings) -> str:
@@ -434,6 +577,7 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
+from dfmod.export import export_command  # noqa: E402
 from dfmod.training.commands import (  # noqa: E402
     calibrate_command,
     evaluate_command,
@@ -448,6 +592,7 @@ app.command("calibrate")(calibrate_command)
 app.command("loso")(loso_command)
 app.command("evaluate-faces")(evaluate_faces_command)
 app.command("bench")(bench_command)
+app.command("export")(export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

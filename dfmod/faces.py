@@ -20,8 +20,9 @@ proportion to the pixels), and boxes are scaled back to the original image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -111,7 +112,7 @@ class FaceFinder:
             boxes, scores = self._mtcnn.detect(rgb)
         faces = []
         if boxes is not None:
-            for (x0, y0, x1, y1), score in zip(boxes, scores):
+            for (x0, y0, x1, y1), score in zip(boxes, scores, strict=True):
                 if score is None or score < self.min_score:
                     continue
                 box = (max(0, int(x0 / scale)), max(0, int(y0 / scale)), min(width, int(round(x1 / scale))),

@@ -124,17 +124,22 @@ def decode_cursor(order: str, cursor: str):
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if raw["o"] != order:
-            raise ReviewProblem("invalid_cursor", f"this cursor belongs to order={raw['o']}, not order={order}")
-        item_id = str(raw["id"])
+            raise ReviewProblem("invalid_cursor", f"this cursor belongs to another order, not order={order}")
+        item_id = raw["id"]
+        if not isinstance(item_id, str) or len(item_id) > 36:
+            raise ValueError("bad item id")
         if order.startswith("score"):
             value = float(raw["v"])
+            if not 0.0 <= value <= 1.0:  # also refuses NaN and infinities
+                raise ValueError("score out of range")
         else:
             value = datetime.fromisoformat(raw["v"])
             if value.tzinfo is None:
                 raise ValueError("naive timestamp")
+            value = value.astimezone(timezone.utc)
     except ReviewProblem:
         raise
-    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, binascii.Error) as exc:
         raise ReviewProblem("invalid_cursor", "the cursor is malformed; start again without one") from exc
     return value, item_id
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):
@@ -103,9 +102,27 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest decoded image (width x height); larger ones fail as bombs."
     )
     min_image_side: int = Field(16, ge=1, description="Images with a smaller side fail as too small.")
+    ready_requires_worker: bool = Field(
+        False,
+        description="/readyz also needs a live worker on the classify queue (heartbeats in the broker). On in "
+        "`dfmod up`; off by default where workers scale to zero and uploads must still be accepted.",
+    )
 
     # --- worker ------------------------------------------------------------------------------------
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Inference device; auto picks CUDA if torch is installed and sees a GPU."
+    )
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="Inference backend; auto takes the fastest accepted one installed for the device (CUDA: torch; "
+        "CPU: OpenVINO, then ONNX Runtime, then torch). The choice and its reason are logged and exported as the "
+        "backend label of dfmod_model_info.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="Inference precision on CPU; auto takes the fastest one that passed the acceptance check for the "
+        "model (see the model card). bf16 needs a CPU with avx512_bf16 or AMX.",
+    )
     checkpoint: Path | None = Field(None, description="Model checkpoint (.safetensors); default: the shipped one.")
     threshold: float | None = Field(
         None, ge=0.0, le=1.0,
@@ -134,7 +151,9 @@ class Settings(BaseSettings):
         "(use it with 2 on GPU workers).",
     )
     worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the inference backend (any backend); default: all cores."
+    )
     visibility_timeout_s: int = Field(
         600, ge=1, description="Redis: unacked tasks of a dead worker are redelivered after this many seconds."
     )
@@ -143,7 +162,15 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
+    decode_budget_pixels: int = Field(
+        64_000_000, ge=1,
+        description="Pixels a worker (or the API, for thumbnails) decodes at once, summed over its threads: "
+        "bounds decode memory at about 8 bytes per pixel (a 50-megapixel PNG is decoded alone).",
+    )
     metrics_port: int | None = Field(9100, description="Worker Prometheus port; unset to disable.")
+    metrics_addr: str = Field(
+        "0.0.0.0", description="Interface of the worker's metrics port; `dfmod up` uses 127.0.0.1 and a free port."
+    )
     heartbeat_dir: Path | None = Field(
         None,
         description="Where a worker keeps its liveness heartbeat (checked by `dfmod worker-alive`); "
@@ -179,6 +206,9 @@ class Settings(BaseSettings):
         None, description="HMAC-SHA256 key that signs every callback; required when a callback URL is set."
     )
     callback_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of a callback POST.")
+    callback_deadline_s: float = Field(
+        15.0, gt=0, description="Longest a callback attempt may take in all, however slowly the receiver answers."
+    )
     callback_max_attempts: int = Field(8, ge=1, description="Attempts per event before delivery gives up.")
     callback_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each attempt (with jitter).")
     callback_backoff_max_s: float = Field(
@@ -193,7 +223,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_urls(self) -> "Settings":
+    def _check_urls(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("postgresql", "sqlite")):
             raise ValueError("DFMOD_DATABASE_URL must be postgresql+psycopg://... or sqlite:///...")
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
@@ -279,7 +309,7 @@ class Settings(BaseSettings):
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
 
-    def for_api(self) -> "Settings":
+    def for_api(self) -> Settings:
         """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
         return self.model_copy(
             update={

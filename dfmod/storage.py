@@ -13,9 +13,10 @@ import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from dfmod.errors import DfmodError
 from dfmod.settings import Settings
@@ -75,6 +76,13 @@ def validate_key(key: str) -> str:
         raise InvalidKey("object keys must be 1 to 1024 characters")
     if "\x00" in key or "\\" in key:
         raise InvalidKey("object keys may not contain NUL or backslash")
+    try:
+        encoded_parts = key.encode("utf-8").split(b"/")
+    except UnicodeEncodeError as exc:  # lone surrogates: no store can hold such a name
+        raise InvalidKey("object keys must be valid UTF-8 text") from exc
+    if any(len(part) > 255 for part in encoded_parts):
+        # The longest file name of every common filesystem; local storage would fail on it later.
+        raise InvalidKey("each '/'-separated part of an object key must be at most 255 bytes")
     if key.startswith("/"):
         raise InvalidKey("object keys may not start with '/'")
     parts = key.split("/")
@@ -90,6 +98,11 @@ def heatmap_key(item_id: str, model_version: str) -> str:
     # Model versions are free text; keep the object key a plain, valid file name.
     safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", model_version).strip(".") or "model"
     return f"heatmaps/{item_id}/{safe_version}.png"
+
+
+def thumbnail_key(item_id: str) -> str:
+    """Where the review page's thumbnail of an item is cached (in the upload bucket), made once."""
+    return f"thumbnails/{item_id}.jpg"
 
 
 class Storage(Protocol):
@@ -215,7 +228,7 @@ class S3Storage(_BucketRules):
         extra = {"ContentType": content_type} if content_type else {}
         try:
             response = self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
-        except Exception as exc:  # noqa: BLE001 - translated into our taxonomy
+        except Exception as exc:  # translated into our taxonomy
             raise self._translate(exc, bucket, key) from exc
         return ObjectInfo(
             bucket, key, len(data), etag=(response.get("ETag") or "").strip('"') or None,
@@ -226,7 +239,7 @@ class S3Storage(_BucketRules):
         self._check(bucket, key)
         try:
             response = self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, bucket, key) from exc
         return ObjectInfo(
             bucket, key, int(response.get("ContentLength", 0)), etag=(response.get("ETag") or "").strip('"') or None,
@@ -245,7 +258,7 @@ class S3Storage(_BucketRules):
             data = response["Body"].read(max_bytes + 1)
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, bucket, key) from exc
         if len(data) > max_bytes:
             raise ObjectTooLarge(f"object exceeds the limit of {max_bytes} bytes")
@@ -254,7 +267,7 @@ class S3Storage(_BucketRules):
     def check(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.upload_bucket)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, self.upload_bucket, "") from exc
 
 

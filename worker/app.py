@@ -19,12 +19,15 @@ consumes alongside the classify queue.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import threading
 from dataclasses import dataclass
 
 from celery import Celery
 
+from dfmod.consumers import start_heartbeat
 from dfmod.db import make_engine, make_session_factory
 from dfmod.lifecycle import sweep_stuck_items
 from dfmod.queue import CALLBACK_TASK, CLASSIFY_TASK, HEATMAP_TASK, make_celery
@@ -52,10 +55,13 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
 
     predictor = Predictor(
         settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
-        operating_point=settings.operating_point,
+        backend=settings.backend, precision=settings.precision, operating_point=settings.operating_point,
     )
     predictor.warmup(min(settings.batch_size, 8))
-    telemetry.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
+    telemetry.MODEL_INFO.labels(
+        model_version=predictor.model_version, device=predictor.device, backend=predictor.backend,
+        backend_choice="auto" if predictor.choice.reason.startswith("auto") else "configured",
+    ).set(1)
     engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     factory = make_session_factory(engine)
     app = make_celery(settings)
@@ -118,7 +124,7 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
         while not stop.wait(settings.sweep_interval_s * random.uniform(0.8, 1.2)):
             try:
                 sweep_stuck_items(runtime.classifier.session_factory, runtime.celery, settings)
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+            except Exception:  # a failed sweep is retried next interval
                 logger.warning("stuck-item sweep failed", exc_info=True)
 
     thread = threading.Thread(target=loop, name="dfmod-sweep", daemon=True)
@@ -126,22 +132,29 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
     return thread
 
 
-def run_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> None:
+def run_worker(
+    settings: Settings, log_level: str = "INFO", hostname: str | None = None, queues: list[str] | None = None
+) -> None:
+    from dfmod.imaging import share_allocator_arenas
+
+    share_allocator_arenas()
     runtime = build_runtime(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
     liveness.install(settings.resolved_heartbeat_dir)
     runtime.celery.steps["consumer"].add(liveness.loop_heartbeat_step(settings.heartbeat_interval_s))
     stop = threading.Event()
     start_sweeper(runtime, stop)
+    consumed = queues or [settings.queue, settings.events_queue]
+    start_heartbeat(settings, hostname or f"{socket.gethostname()}-{os.getpid()}", consumed, stop)
     argv = [
         "worker",
-        f"--loglevel={loglevel}",
+        f"--loglevel={log_level}",  # Celery's own spelling; ours is --log-level
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
-        f"--queues={settings.queue},{settings.events_queue}",
+        f"--queues={','.join(consumed)}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -39,9 +39,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
-from dfmod.detector import Predictor, to_pixels
+from dfmod.detector import Predictor, load_pixels, to_pixels
 from dfmod.faces import NO_FACE, face_crops
-from dfmod.imaging import ImageRejected, decode_image
+from dfmod.imaging import DecodeBudget, ImageRejected, decode_image
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -117,6 +117,8 @@ class BatchClassifier:
         # Scores of whole images and of their faces differ: they are never reused for one another.
         self.model_version = predictor.model_version + ("+faces" if self.face_finder else "")
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
+        # Sixteen fetch threads may all hold worst-case images at once; the budget bounds what they decode.
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
         # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
         # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
         self._inference_lock = threading.Lock()
@@ -169,7 +171,7 @@ class BatchClassifier:
         fetch_started = time.perf_counter()
         self._reuse(outcomes, lambda o: o.item.sha256)
         pending = [o for o in outcomes if o.fake_probability is None]
-        for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
+        for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending]), strict=True):
             outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient, outcome.faces = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
         report.fetch_s = time.perf_counter() - fetch_started
@@ -267,18 +269,17 @@ class BatchClassifier:
             return None, None, None, None, str(exc), None
         except StorageError as exc:
             return None, None, None, (exc.reason, str(exc)), None, None
-        except Exception as exc:  # noqa: BLE001 - one object's fault (e.g. an OSError on a local key) is its own
+        except Exception as exc:  # one object's fault (e.g. an OSError on a local key) is its own
             logger.exception("unexpected error fetching %s/%s", item.bucket, item.key)
             return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None, None
         sha256 = hashlib.sha256(data).hexdigest()
         faces = None
         try:
             if self.face_finder is None:
-                image = decode_image(data, self.limits, target=self.predictor.meta.image_size)
-                array = to_pixels(image, self.predictor.meta)
+                array = load_pixels(data, self.limits, self.predictor.meta, budget=self.decode_budget)
             else:
                 side = self.settings.face_detect_side
-                image = decode_image(data, self.limits, target=(side, side))
+                image = decode_image(data, self.limits, target=(side, side), budget=self.decode_budget)
                 found = self.face_finder.find(image)
                 faces = found.faces
                 crops = [to_pixels(crop, self.predictor.meta) for crop in face_crops(image, found)]
@@ -286,7 +287,7 @@ class BatchClassifier:
                 array = np.stack(crops) if crops else np.zeros((0, height, width, 3), dtype=np.uint8)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None, None
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one item, not the batch
+        except Exception as exc:  # a decoder bug must fail one item, not the batch
             logger.exception("unexpected error decoding %s/%s", item.bucket, item.key)
             return sha256, len(data), None, ("decode_error", f"{type(exc).__name__}: {exc}"), None, None
         return sha256, len(data), array, None, None, faces
@@ -312,7 +313,7 @@ class BatchClassifier:
             report.inference_s += elapsed
             telemetry.INFERENCE_SECONDS.observe(elapsed)
             telemetry.BATCH_SIZE.observe(len(chunk))
-            for (outcome, _face), score in zip(chunk, scores):
+            for (outcome, _face), score in zip(chunk, scores, strict=True):
                 row_scores[id(outcome)].append(float(score))
                 outcome.inference_ms = (outcome.inference_ms or 0.0) + elapsed * 1000.0 / len(chunk)
                 outcome.batch_size = len(chunk)
@@ -364,7 +365,7 @@ class BatchClassifier:
         return [
             {"face_index": index, "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
              "detector_score": face.score, "fake_probability": probability}
-            for index, (face, probability) in enumerate(zip(outcome.faces, outcome.face_probabilities))
+            for index, (face, probability) in enumerate(zip(outcome.faces, outcome.face_probabilities, strict=True))
         ]
 
     def _threshold(self, outcome: Outcome) -> float:
@@ -384,7 +385,7 @@ class BatchClassifier:
             return
         try:
             enqueue(self.celery_app, self.settings, item_ids, countdown=RETRY_DELAY_S)
-        except Exception:  # noqa: BLE001 - they are queued in the database; the sweep sends them
+        except Exception:  # they are queued in the database; the sweep sends them
             logger.warning("could not re-enqueue %d item(s); the sweep will", len(item_ids), exc_info=True)
 
     def _release(self, item_ids: list[str], reason: str, report: BatchReport) -> None:

@@ -6,8 +6,13 @@ needs only the training stack.
 
 import typer
 
-from dfmod.training.commands import (calibrate_command, evaluate_command, evaluate_faces_command, loso_command,
-                                     train_command)
+from dfmod.training.commands import (
+    calibrate_command,
+    evaluate_command,
+    evaluate_faces_command,
+    loso_command,
+    train_command,
+)
 
 app = typer.Typer(help="Train and evaluate the dfmod deepfake detector.", no_args_is_help=True,
                   pretty_exceptions_enable=False)

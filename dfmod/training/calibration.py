@@ -163,25 +163,39 @@ def plot_reliability(labels, probs, path, title: str = "reliability") -> None:
 
 def checkpoint_probabilities(checkpoint, samples, *, device: str = "cpu", batch_size: int = 64,
                              workers: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, logit margins)`` of ``checkpoint`` on ``samples``, through the service's preprocessing."""
-    from torch.utils.data import DataLoader
+    """``(labels, logit margins)`` of ``checkpoint`` on ``samples``, through the service's preprocessing.
+
+    The uint8 pixels of :func:`dfmod.detector.load_pixels` (the worker's path) go through the fp32 torch
+    model (the reference every exported precision is accepted against); the margins are uncalibrated.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    from dfmod.detector import FAKE_INDEX, Predictor
-    from dfmod.training.data import DatasetError, EvalDataset
+    from dfmod.detector import FAKE_INDEX, Predictor, load_pixels
+    from dfmod.imaging import ImageLimits
+    from dfmod.training.data import DatasetError
 
-    predictor = Predictor(checkpoint, device=device)
-    loader = DataLoader(EvalDataset(samples, predictor.meta), batch_size=batch_size, shuffle=False,
-                        num_workers=workers)
+    predictor = Predictor(checkpoint, device=device, backend="torch", precision="fp32")
+    limits = ImageLimits()
+    height, width = predictor.meta.input_size[1:]
+
+    def load(sample, out: np.ndarray) -> None:
+        try:
+            load_pixels(sample.path.read_bytes(), limits, predictor.meta, out=out)
+        except Exception as exc:  # re-raised with the file named
+            raise DatasetError(f"calibration image {sample.path} cannot be decoded: {exc}") from exc
+
     labels, margins = [], []
-    for images, batch_labels, _indices, errors in tqdm(loader, desc="calibrate", unit="batch",
-                                                       disable=not progress, leave=False):
-        bad = [error for error in errors if error]
-        if bad:
-            raise DatasetError(f"{len(bad)} calibration images cannot be decoded (first: {bad[0]})")
-        logits = predictor.logits(images).double()
-        margins.append((logits[:, FAKE_INDEX] - logits[:, 1 - FAKE_INDEX]).numpy())
-        labels.append(batch_labels.numpy())
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in tqdm(range(0, len(samples), batch_size), desc="calibrate", unit="batch",
+                          disable=not progress, leave=False):
+            chunk = samples[start:start + batch_size]
+            batch = np.empty((len(chunk), height, width, 3), dtype=np.uint8)
+            list(pool.map(load, chunk, list(batch)))
+            logits = predictor.logits(batch).astype(np.float64)
+            margins.append(logits[:, FAKE_INDEX] - logits[:, 1 - FAKE_INDEX])
+            labels.append(np.array([sample.label for sample in chunk], dtype=np.int64))
     return np.concatenate(labels), np.concatenate(margins)
 
 

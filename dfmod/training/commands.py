@@ -8,7 +8,7 @@ dependencies). torch, timm and matplotlib are imported inside the commands so ``
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -85,35 +85,35 @@ def train_command(
         help="Augmentation recipe: paper (flip, rotation, colour jitter: the baseline) or transfer (paper + "
              "random resized crops, Gaussian blur and JPEG re-encoding at random strengths, each p=0.5, after "
              "Wang et al. 2020). The options below override single values.")] = Recipe.paper,
-    sampling: Annotated[Optional[Sampling], typer.Option(
+    sampling: Annotated[Sampling | None, typer.Option(
         help="uniform: every training image once per epoch; balanced: --epoch-size draws weighted so every "
              "data folder, and real and fake within it, get equal shares (default: balanced with several "
              "folders or --recipe transfer, else uniform).", show_default=False)] = None,
-    epoch_size: Annotated[Optional[int], typer.Option(help="Images per epoch with balanced sampling (default: "
+    epoch_size: Annotated[int | None, typer.Option(help="Images per epoch with balanced sampling (default: "
                                                            "the training set's size).", show_default=False)] = None,
     source_power: Annotated[float, typer.Option(help="Balanced sampling: a source's share within its (folder, "
                                                      "label) grows as n**power (0: all sources alike, 1: as "
                                                      "the data has them).")] = 0.5,
-    exclude_source: Annotated[Optional[list[str]], typer.Option(
+    exclude_source: Annotated[list[str] | None, typer.Option(
         help="Leave this source (from manifest.csv) out of Train and Validation; repeatable.",
         show_default=False)] = None,
-    hflip: Annotated[Optional[float], typer.Option(help="Augmentation: horizontal-flip probability (0.5).",
+    hflip: Annotated[float | None, typer.Option(help="Augmentation: horizontal-flip probability (0.5).",
                                                    show_default=False)] = None,
-    rotation: Annotated[Optional[float], typer.Option(help="Augmentation: random rotation range, +/- degrees "
+    rotation: Annotated[float | None, typer.Option(help="Augmentation: random rotation range, +/- degrees "
                                                            "(10).", show_default=False)] = None,
-    brightness: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter brightness (0.2).",
+    brightness: Annotated[float | None, typer.Option(help="Augmentation: colour-jitter brightness (0.2).",
                                                         show_default=False)] = None,
-    contrast: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter contrast (0.2).",
+    contrast: Annotated[float | None, typer.Option(help="Augmentation: colour-jitter contrast (0.2).",
                                                       show_default=False)] = None,
-    saturation: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter saturation (0.2).",
+    saturation: Annotated[float | None, typer.Option(help="Augmentation: colour-jitter saturation (0.2).",
                                                         show_default=False)] = None,
-    hue: Annotated[Optional[float], typer.Option(help="Augmentation: colour-jitter hue (0.05).",
+    hue: Annotated[float | None, typer.Option(help="Augmentation: colour-jitter hue (0.05).",
                                                  show_default=False)] = None,
-    crop_prob: Annotated[Optional[float], typer.Option(help="Augmentation: random-resized-crop probability "
+    crop_prob: Annotated[float | None, typer.Option(help="Augmentation: random-resized-crop probability "
                                                             "(transfer 0.5).", show_default=False)] = None,
-    blur_prob: Annotated[Optional[float], typer.Option(help="Augmentation: Gaussian-blur probability, sigma "
+    blur_prob: Annotated[float | None, typer.Option(help="Augmentation: Gaussian-blur probability, sigma "
                                                             "U(0, 3) (transfer 0.5).", show_default=False)] = None,
-    jpeg_prob: Annotated[Optional[float], typer.Option(help="Augmentation: JPEG re-encoding probability, quality "
+    jpeg_prob: Annotated[float | None, typer.Option(help="Augmentation: JPEG re-encoding probability, quality "
                                                             "U{30..100} (transfer 0.5).",
                                                        show_default=False)] = None,
     threshold_rule: Annotated[ThresholdRule, typer.Option(
@@ -127,20 +127,20 @@ def train_command(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16/--no-cpu-bf16", help="bf16 autocast on CPU (fast only on "
                                                                             "CPUs with avx512_bf16 or AMX).")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: min(8, CPU "
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: min(8, CPU "
                                                         "count)).", show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from local weights: a dfmod checkpoint (e.g. the "
+    init: Annotated[Path | None, typer.Option(help="Start from local weights: a dfmod checkpoint (e.g. the "
                                                       "shipped model) is loaded whole, head included; other "
                                                       "timm-compatible weights (.safetensors or .pth) lose their "
                                                       "classifier. Default: random initialisation. Nothing is "
                                                       "downloaded.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue a run from its CKPT.state.pt (or its CKPT); "
+    resume: Annotated[Path | None, typer.Option(help="Continue a run from its CKPT.state.pt (or its CKPT); "
                                                         "--epochs is the total.")] = None,
     half: Annotated[bool, typer.Option("--half", help="Store the best checkpoint in fp16 (half the size, "
                                                       "for shipping).")] = False,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N images per class per split "
+    limit_per_class: Annotated[int | None, typer.Option(help="Use at most N images per class per split "
                                                                 "(smoke runs).")] = None,
-    dataset_name: Annotated[Optional[str], typer.Option(help="Data set name in the model version (default: the "
+    dataset_name: Annotated[str | None, typer.Option(help="Data set name in the model version (default: the "
                                                              "data folder's name).", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -198,21 +198,24 @@ def evaluate_command(
                                            show_default=False)],
     report: Annotated[Path, typer.Option("--report", "-r", help="Folder for report.json, confusion_matrix.png, "
                                          "roc_curve.png and predictions.csv.", show_default=False)],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint to evaluate "
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to evaluate "
                                                        "(default: the shipped model).", show_default=False)] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (default: min(8, CPU "
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes (default: min(8, CPU "
                                                         "count)).", show_default=False)] = None,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="Evaluate at most N images per class (a seeded "
+    limit_per_class: Annotated[int | None, typer.Option(help="Evaluate at most N images per class (a seeded "
                                                                 "random subset).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="CSV with file and source columns for per-source "
+    manifest: Annotated[Path | None, typer.Option(help="CSV with file and source columns for per-source "
                                                           "metrics (default: manifest.csv in FOLDER or its "
                                                           "parent).", show_default=False)] = None,
-    model_card: Annotated[Optional[Path], typer.Option(help="Also rewrite this folder's section of the model "
+    model_card: Annotated[Path | None, typer.Option(help="Also rewrite this folder's section of the model "
                                                             "card (e.g. docs/model-card.md) with the per-source "
                                                             "and calibration tables.", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    backend: Annotated[str, typer.Option(help="Inference backend: auto (what the service picks), torch, "
+                                              "onnxruntime or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, int8 or auto (what the service picks).")] = "auto",
 ) -> None:
     """Evaluate a checkpoint on Real/ and Fake/ images, as the worker would.
 
@@ -231,7 +234,8 @@ def evaluate_command(
     if manifest is not None and not manifest.is_file():
         raise _fail(FileNotFoundError(f"manifest {manifest} does not exist"))
     try:
-        result = evaluate(folder, checkpoint, report, device=device.value, batch_size=batch_size, workers=workers,
+        result = evaluate(folder, checkpoint, report, device=device.value, backend=backend, precision=precision,
+                          batch_size=batch_size, workers=workers,
                           limit_per_class=limit_per_class, manifest=manifest, progress=progress)
     except (DatasetError, ModelNotAvailable) as exc:
         raise _fail(exc) from None
@@ -252,24 +256,24 @@ def loso_command(
                                                          "manifest.csv naming sources).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one run per held-out group, loso.json "
                                       "and loso.md.", show_default=False)],
-    holdout: Annotated[Optional[list[str]], typer.Option(
+    holdout: Annotated[list[str] | None, typer.Option(
         help="Sources to hold out together, comma-separated; repeatable (default: every source on its own).",
         show_default=False)] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 2,
-    epoch_size: Annotated[Optional[int], typer.Option(help="Images per epoch (balanced sampling).",
+    epoch_size: Annotated[int | None, typer.Option(help="Images per epoch (balanced sampling).",
                                                       show_default=False)] = None,
     recipe: Annotated[Recipe, typer.Option(help="Augmentation recipe of the runs.")] = Recipe.transfer,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     image_size: Annotated[int, typer.Option(help="Square model input in pixels.")] = 224,
-    init: Annotated[Optional[Path], typer.Option(help="Starting weights; refused if trained on a held-out "
+    init: Annotated[Path | None, typer.Option(help="Starting weights; refused if trained on a held-out "
                                                       "source's data.", show_default=False)] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.", show_default=False)] = None,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="At most N images per class per split (smoke "
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.", show_default=False)] = None,
+    limit_per_class: Annotated[int | None, typer.Option(help="At most N images per class per split (smoke "
                                                                 "runs).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 42,
-    model_card: Annotated[Optional[Path], typer.Option(help="Rewrite the model card's loso section with the "
+    model_card: Annotated[Path | None, typer.Option(help="Rewrite the model card's loso section with the "
                                                             "table.", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -312,9 +316,9 @@ def evaluate_faces_command(
                                                 "DATA_DIR/Test).", show_default=False)],
     report: Annotated[Path, typer.Option("--report", "-r", help="Folder for whole_photos.json and the "
                                          "composites/ it builds.", show_default=False)],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (default: the "
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint (default: the "
                                                        "shipped model).", show_default=False)] = None,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="At most N crops per class (a seeded subset).",
+    limit_per_class: Annotated[int | None, typer.Option(help="At most N crops per class (a seeded subset).",
                                                            show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the composites (placement, scale, background).")] = 0,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
@@ -366,7 +370,7 @@ def calibrate_command(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N images per class per folder "
+    limit_per_class: Annotated[int | None, typer.Option(help="Use at most N images per class per folder "
                                                                 "(smoke runs).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

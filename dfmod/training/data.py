@@ -13,9 +13,10 @@ of :data:`dfmod.detector.CLASS_NAMES`. Training may mix several such roots (face
 name), and :func:`balanced_weights` gives each (domain, label) the same share of an epoch so that neither a
 data set's quirks (size, sharpness, compression) nor a one-label source becomes the real/fake cue.
 
-Every image goes through :func:`dfmod.imaging.decode_image`, the worker's decoder; validation and evaluation
-then use :func:`dfmod.detector.preprocess` unchanged, and training applies its augmentation between the
-detector's resize and its normalisation, so the only difference between training and serving is the
+Every image goes through :func:`dfmod.imaging.decode_image`, the worker's decoder, and
+:func:`dfmod.detector.to_pixels`, the worker's resize; training applies its augmentation to those pixels and
+both datasets normalise with :func:`dfmod.torch_model.normalised_tensor`, the arithmetic of the serving
+module that the exported models carry, so the only difference between training and serving is the
 augmentation itself.
 """
 
@@ -25,17 +26,17 @@ import csv
 import io
 import logging
 import random
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
-from dfmod.detector import ModelMeta, preprocess, resize_for_model, to_normalized_array
+from dfmod.detector import ModelMeta, resize_for_model, to_pixels
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def scan_roots(
     excluded = set(exclude_sources)
     result: dict[str, list[Sample]] = {split: [] for split in splits}
     seen_sources: set[str] = set()
-    for root, name in zip(roots, names):
+    for root, name in zip(roots, names, strict=True):
         scanned = scan_dataset(root, splits, limit_per_class=limit_per_class, seed=seed)
         manifest = find_manifest(Path(root))
         for split, samples in scanned.items():
@@ -283,7 +284,7 @@ def find_unreadable(samples: Iterable[Sample], limits: ImageLimits | None = None
     paths = [sample.path for sample in samples]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         reasons = list(pool.map(lambda path: _probe(path, limits), paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
 def check_readable(samples: Sequence[Sample], limits: ImageLimits | None = None, threads: int = 8) -> None:
@@ -331,7 +332,7 @@ class Augmentation:
     jpeg_quality_max: int = 100
 
     @classmethod
-    def recipe(cls, name: str, **overrides: Any) -> "Augmentation":
+    def recipe(cls, name: str, **overrides: Any) -> Augmentation:
         """The named recipe: ``paper`` (the baseline) or ``transfer`` (paper + crop, blur and JPEG at p=0.5)."""
         if name == "paper":
             base = cls()
@@ -415,9 +416,11 @@ class TrainDataset(Dataset):
         except (ImageRejected, OSError) as exc:
             # DataLoader workers re-raise this in the training process with its message, so the file is named.
             raise DatasetError(f"cannot decode training image {sample.path}: {exc}") from exc
+        from dfmod.torch_model import normalised_tensor
+
         image = self.augmentation.degrade(self.augmentation.crop(image.convert("RGB"), self.meta))
         image = self._transform(image)
-        return torch.from_numpy(to_normalized_array(image, self.meta)), sample.label
+        return normalised_tensor(np.asarray(image), self.meta), sample.label
 
 
 class EvalDataset(Dataset):
@@ -438,13 +441,16 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            array = preprocess(load_image(sample.path, self.meta, self.limits), self.meta)
+            pixels = to_pixels(load_image(sample.path, self.meta, self.limits), self.meta)
             error = ""
         except ImageRejected as exc:
-            array, error = self._blank(), str(exc)
+            pixels, error = self._blank(), str(exc)
         except OSError as exc:
-            array, error = self._blank(), f"unreadable: {exc}"
-        return torch.from_numpy(array), sample.label, index, error
+            pixels, error = self._blank(), f"unreadable: {exc}"
+        from dfmod.torch_model import normalised_tensor
+
+        return normalised_tensor(pixels, self.meta), sample.label, index, error
 
     def _blank(self) -> np.ndarray:
-        return np.zeros(self.meta.input_size, dtype=np.float32)
+        height, width = self.meta.input_size[1:]
+        return np.zeros((height, width, 3), dtype=np.uint8)

@@ -1,10 +1,11 @@
 """``dfmod evaluate``: score a checkpoint on a folder of ``Real/`` and ``Fake/`` images and write a report.
 
-The images go through the worker's path (:func:`dfmod.imaging.decode_image`, :func:`dfmod.detector.preprocess`,
-:class:`dfmod.detector.Predictor`, the checkpoint's temperature), so the report describes what the service
-would decide. The report folder receives ``report.json`` (metrics at the checkpoint's threshold at top level,
-the rest nested; calibration (ECE) and every operating point stored in the checkpoint), ``confusion_matrix.png``,
-``roc_curve.png``, ``reliability.png`` and ``predictions.csv`` (one row per image).
+The images go through the worker's own path (:func:`dfmod.detector.load_pixels`: decode, resize to uint8;
+then :class:`dfmod.detector.Predictor` on the same backend and precision the service would pick, which
+normalises inside the model and applies the checkpoint's temperature), so the report describes exactly what the
+service would decide. The report folder receives ``report.json`` (metrics at the checkpoint's threshold at top
+level, the rest nested; calibration (ECE) and every operating point stored in the checkpoint),
+``confusion_matrix.png``, ``roc_curve.png``, ``reliability.png`` and ``predictions.csv`` (one row per image).
 
 When a ``manifest.csv`` with ``file`` and ``source`` columns lies in the folder or its parent (as in the
 faces256 data set), the metrics are also broken down per source; metrics a single-class source cannot have
@@ -29,7 +30,6 @@ from dfmod.training.data import (
     MANIFEST,
     UNKNOWN_SOURCE,
     DatasetError,
-    EvalDataset,
     Sample,
     find_manifest,
     read_sources,
@@ -58,28 +58,44 @@ def _sha256(path: Path) -> str:
 
 
 def _run(predictor, samples: list[Sample], batch_size: int, workers: int, progress: bool):
-    from torch.utils.data import DataLoader
+    """Calibrated P(fake) per sample (NaN where it failed) and the failures' reasons, through the worker's path."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    from dfmod.detector import FAKE_INDEX
+    from dfmod.detector import fake_probabilities, load_pixels
+    from dfmod.imaging import ImageLimits, ImageRejected
 
-    loader = DataLoader(EvalDataset(samples, predictor.meta), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=predictor.device == "cuda")
+    limits = ImageLimits()
+    height, width = predictor.meta.input_size[1:]
+
+    def load(index: int, out: np.ndarray) -> str:
+        try:
+            load_pixels(samples[index].path.read_bytes(), limits, predictor.meta, out=out)
+            return ""
+        except ImageRejected as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"unreadable: {exc}"
+
     probs = np.full(len(samples), np.nan)
     errors: dict[int, str] = {}
-    for images, _labels, indices, batch_errors in tqdm(loader, desc="evaluate", unit="batch", disable=not progress,
-                                                       dynamic_ncols=True, leave=False):
-        ok = [i for i, error in enumerate(batch_errors) if not error]
-        for i, error in enumerate(batch_errors):
-            if error:
-                errors[int(indices[i])] = error
-        if not ok:
-            continue
-        logits = predictor.logits(images[ok])
-        # The service's detector.fake_probability, kept in float64: float32 saturates at 1.0 for confident
-        # images and inflates the loss.
-        margin = (logits[:, FAKE_INDEX] - logits[:, 1 - FAKE_INDEX]).double().numpy()
-        probs[indices[ok].numpy()] = calibration.sigmoid(margin, predictor.meta.temperature)
+    starts = range(0, len(samples), batch_size)
+    # Decoding releases the GIL: threads overlap it with the previous batch's forward pass.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True,
+                          leave=False):
+            indices = list(range(start, min(start + batch_size, len(samples))))
+            batch = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+            failures = list(pool.map(load, indices, list(batch)))
+            ok = [position for position, error in enumerate(failures) if not error]
+            for position, error in enumerate(failures):
+                if error:
+                    errors[indices[position]] = error
+            if ok:
+                # float64 (as the service computes it): float32 saturates at 1.0 for confident images.
+                probs[[indices[position] for position in ok]] = fake_probabilities(
+                    predictor.logits(batch[ok]), predictor.meta.temperature)
     return probs, errors
 
 
@@ -89,6 +105,8 @@ def evaluate(
     report_dir: Path = Path("report"),
     *,
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
     limit_per_class: int | None = None,
@@ -108,7 +126,7 @@ def evaluate(
     if not samples:
         raise DatasetError(f"{folder} holds no images in Real/ or Fake/")
 
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision)
     meta = predictor.meta
     threshold = float(predictor.threshold)
     started = time.perf_counter()
@@ -189,6 +207,7 @@ def evaluate(
         "calibration": calibration_report,
         "operating_points": operating,
         "device": predictor.device,
+        "backend": predictor.backend,
         "seconds": round(seconds, 3),
         "images_per_second": round(len(samples) / seconds, 2) if seconds else None,
         "outputs": {"confusion_matrix": CONFUSION_PNG, "roc_curve": ROC_PNG, "reliability": RELIABILITY_PNG,
@@ -227,7 +246,7 @@ def _plot_confusion(matrix_at_threshold: dict, matrix_at_half: dict, threshold: 
 
     figure = Figure(figsize=(9, 4), layout="constrained")
     for axes, matrix, title in zip(figure.subplots(1, 2), (matrix_at_threshold, matrix_at_half),
-                                   (f"threshold {threshold:.4f}", "threshold 0.5")):
+                                   (f"threshold {threshold:.4f}", "threshold 0.5"), strict=True):
         values = np.asarray(matrix["matrix"])
         totals = values.sum(axis=1, keepdims=True)
         shares = np.divide(values, totals, out=np.zeros(values.shape, dtype=float), where=totals > 0)

@@ -128,11 +128,11 @@ def leave_one_source_out(config: LosoConfig) -> dict[str, Any]:
             **config.extra_train,
         ))
         held = np.array([s.source in group for s in test])
-        held_labels = {s.label for s, h in zip(test, held) if h}
+        held_labels = {s.label for s, h in zip(test, held, strict=True) if h}
         counterpart = np.array([(s.domain in held_roots and s.source not in group and s.label not in held_labels)
                                 for s in test])
         scored = held | counterpart
-        subset = [s for s, keep in zip(test, scored) if keep]
+        subset = [s for s, keep in zip(test, scored, strict=True) if keep]
         labels, margins = checkpoint_probabilities(result.checkpoint, subset, device=config.device,
                                                    workers=workers, progress=config.progress)
         probs = calibration.sigmoid(margins, result.meta.temperature)

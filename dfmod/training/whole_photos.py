@@ -20,9 +20,10 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -140,12 +141,12 @@ def evaluate_whole_photos(folder: Path, checkpoint: Path | None, report_dir: Pat
         began = time.perf_counter()
         results = [finder.find(image) for image in wholes]
         detect_seconds += time.perf_counter() - began
-        crops = [crop for image, result in zip(wholes, results) for crop in face_crops(image, result)]
+        crops = [crop for image, result in zip(wholes, results, strict=True) for crop in face_crops(image, result)]
         began = time.perf_counter()
         probs = predictor.predict_images(crops) if crops else np.zeros(0)  # all faces of the batch at once
         classify_seconds += time.perf_counter() - began
         offset = 0
-        for i, (composite, result) in enumerate(zip(batch, results)):
+        for i, (composite, result) in enumerate(zip(batch, results, strict=True)):
             face_probs = probs[offset:offset + len(result.faces)]
             offset += len(result.faces)
             index = start + i

@@ -12,9 +12,8 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from dfmod.settings import Settings
-
-from tests.utils.records import bearer
 from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer event-secret"}
@@ -250,3 +249,28 @@ def test_upload_to_verdict_through_a_real_worker(client, integration_settings, w
         assert failed["status"] == "failed" and failed["reason"] in ("truncated", "corrupt")
     else:
         assert bad.status_code == 422
+
+
+def test_readiness_can_require_a_live_worker_heartbeat_in_the_broker(integration_settings):
+    from dfmod.consumers import beat
+
+    settings = integration_settings.model_copy(update={"ready_requires_worker": True})
+    with TestClient(create_app(settings)) as client:
+        alone = client.get("/readyz")
+        assert alone.status_code == 503 and alone.json()["checks"]["worker"].startswith("error: no worker")
+        beat(settings, "events-only@test", [settings.events_queue])
+        assert client.get("/readyz").status_code == 503  # consuming callbacks only is not classifying
+        beat(settings, "classifier@test", [settings.queue])
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["worker"] == "ok"
+
+
+def test_consumer_heartbeats_with_the_embedded_broker_expire(tmp_path, monkeypatch):
+    from dfmod import consumers
+
+    settings = Settings(data_dir=tmp_path)
+    assert consumers.live_consumers(settings, settings.queue) == 0
+    consumers.beat(settings, "w1@host", [settings.queue])
+    assert consumers.live_consumers(settings, settings.queue) == 1
+    monkeypatch.setattr(consumers, "HEARTBEAT_TTL_S", 0)
+    assert consumers.live_consumers(settings, settings.queue) == 0

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from api.main import create_app
 from dfmod.db import Review, make_engine, make_session_factory, session_scope
-from tests.utils.records import bearer, seed_items
 from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer, seed_items
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -45,7 +45,7 @@ def reviewer(integration_settings, make_api_key):
 @pytest.fixture
 def catalogue(integration_settings, reviewer) -> dict[str, str]:
     specs = [{**spec, "created_at": T0 + timedelta(hours=i)} for i, spec in enumerate(CATALOGUE.values())]
-    ids = dict(zip(CATALOGUE, seed_items(integration_settings, specs)))
+    ids = dict(zip(CATALOGUE, seed_items(integration_settings, specs), strict=True))
     for name, decision in DECIDED.items():
         response = reviewer.post(f"/v1/items/{ids[name]}/reviews", json={"decision": decision, "note": name})
         assert response.status_code == 201, response.text
@@ -239,6 +239,14 @@ def test_item_detail_has_every_verdict_every_review_and_working_image_links(
     assert anonymous.get(detail["image_url"].replace(item_id, other)).status_code == 403
     assert anonymous.get(f"/v1/items/{item_id}/image").status_code == 401
     assert reviewer.get(f"/v1/items/{item_id}/image?variant=thumb").status_code == 200  # header auth works too
+    # The thumbnail was made once and cached in the upload bucket; later views are served from there.
+    from dfmod.storage import thumbnail_key
+
+    client_s3, (upload_bucket, _extra) = s3_buckets
+    cached = client_s3.get_object(Bucket=upload_bucket, Key=thumbnail_key(item_id))["Body"].read()
+    assert cached == thumb.content
+    client_s3.put_object(Bucket=upload_bucket, Key=thumbnail_key(item_id), Body=b"cached-marker")
+    assert reviewer.get(f"/v1/items/{item_id}/image?variant=thumb").content == b"cached-marker"
 
 
 def test_expired_links_and_links_of_revoked_keys_stop_working(reviewer, integration_settings, s3_buckets, make_api_key):

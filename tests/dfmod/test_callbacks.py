@@ -13,13 +13,19 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from dfmod.callbacks import (
-    EVENT_REVIEW, EVENT_VERDICT, backoff_s, deliver, event_id, sign, verify_signature,
+    EVENT_REVIEW,
+    EVENT_VERDICT,
+    backoff_s,
+    deliver,
+    event_id,
+    sign,
+    verify_signature,
 )
 from dfmod.db import CallbackDelivery, make_engine, make_session_factory, session_scope
 from dfmod.keys import create_key
+from dfmod.loopback import free_port
 from dfmod.review import record_review
 from dfmod.settings import Settings
-from dfmod.loopback import free_port
 from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration
@@ -183,3 +189,81 @@ def test_callback_urls_come_from_json_in_the_environment(monkeypatch):
     assert settings.callback_url_for("platform-x") == "https://x.example/hook"
     assert settings.callback_url_for("other") == "https://all.example/hook"
     assert "s3cret" not in repr(settings)
+
+
+class _HostileReceiver:
+    """A raw socket server that answers slowly (one byte per ``gap_s``) or with an endless body."""
+
+    def __init__(self, mode: str, gap_s: float = 1.0) -> None:
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.mode, self.gap_s = mode, gap_s
+        self.sent = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection) -> None:
+        try:
+            connection.recv(65536)
+            if self.mode == "trickle":
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000:
+                    connection.send(bytes([byte]))
+                    time.sleep(self.gap_s)
+            else:  # an endless body
+                connection.send(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n")
+                chunk = b"x" * 65536
+                while self.sent < 200 * 2**20:
+                    connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.sent += len(chunk)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_trickling_receiver_cannot_hold_a_delivery_past_its_deadline(integration_settings, db):
+    receiver = _HostileReceiver("trickle", gap_s=0.5)
+    settings = _settings(
+        integration_settings, callback_url=receiver.url, callback_timeout_s=2.0, callback_deadline_s=3.0
+    )
+    [item_id] = seed_items(integration_settings, [{"score": 0.8}])
+    try:
+        started = time.monotonic()
+        result = deliver(settings, db, EVENT_VERDICT, item_id, "m1", 1)
+        elapsed = time.monotonic() - started
+    finally:
+        receiver.close()
+    # Every byte arrives within the per-read timeout, so only the overall deadline can end it.
+    assert elapsed < 3.0 + 2.0 + 1.0, elapsed
+    assert result.retry and not result.delivered
+    assert "deadline" in result.error
+
+
+def test_a_receiver_answering_without_end_is_read_only_a_few_kilobytes(integration_settings, db):
+    receiver = _HostileReceiver("flood")
+    settings = _settings(integration_settings, callback_url=receiver.url)
+    [item_id] = seed_items(integration_settings, [{"score": 0.8}])
+    try:
+        result = deliver(settings, db, EVENT_VERDICT, item_id, "m1", 1)
+    finally:
+        receiver.close()
+    assert result.status_code == 500 and result.retry
+    assert len(result.error) < 300
+    assert receiver.sent < 50 * 2**20  # we stopped reading long before the receiver stopped sending

@@ -10,11 +10,12 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
-from tests.utils.processes import REPO_ROOT
 from dfmod.loopback import free_port, wait_for_port
 from tests.utils.images import make_image_bytes
+from tests.utils.processes import REPO_ROOT
 
 
 def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_path):
@@ -53,10 +54,82 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
             assert client.get("/readyz").json()["ready"] is True
         assert (tmp_path / "data" / "dfmod.db").is_file()
         assert list((tmp_path / "data" / "objects" / "uploads").rglob("*.jpg"))
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) == 2, children  # the classify worker and the events worker
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
         log.close()
+    # SIGTERM stops the workers with the API: nothing is left running.
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+
+
+def test_dfmod_up_restarts_a_crashed_worker_and_its_workers_die_with_it(tmp_path, checkpoint_path):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
+        "DFMOD_CHECKPOINT": str(checkpoint_path), "DFMOD_TORCH_THREADS": "1",
+    }
+    log = open(tmp_path / "up.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dfmod", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    workers: list = []
+    try:
+        wait_for_port(port, timeout=90)
+        up = psutil.Process(process.pid)
+        workers = up.children()
+        assert len(workers) == 2
+        crashed = workers[0]
+        crashed.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            current = [child for child in up.children() if child.is_running()]
+            if len(current) == 2 and crashed.pid not in {child.pid for child in current}:
+                break
+            time.sleep(0.5)
+        current = up.children()
+        assert len(current) == 2 and crashed.pid not in {c.pid for c in current}, (tmp_path / "up.log").read_text()[-3000:]
+        workers = current
+        # The worker's metrics bind loopback only.
+        listening = {conn.laddr.ip for child in workers for conn in child.net_connections("inet") if conn.status == "LISTEN"}
+        assert listening <= {"127.0.0.1"}, listening
+        # `dfmod up` killed outright (no chance to clean up): the kernel takes its workers down too.
+        process.kill()
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, alive
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for child in workers:
+            if child.is_running():
+                child.kill()
+        log.close()
+
+
+def test_every_command_finds_the_embedded_data_from_any_directory(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")}
+    data = tmp_path / "data"
+    migrate = subprocess.run(
+        [sys.executable, "-m", "dfmod", "--data-dir", str(data), "migrate"], env=env, capture_output=True, text=True,
+        timeout=120, cwd=tmp_path,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    created = subprocess.run(
+        [sys.executable, "-m", "dfmod", "--data-dir", str(data), "keys", "create", "--name", "ops", "--scope", "ingest"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=elsewhere,
+    )
+    assert created.returncode == 0, created.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "dfmod", "keys", "list"], env=env | {"DFMOD_DATA_DIR": str(data)}, capture_output=True,
+        text=True, timeout=120, cwd=elsewhere,
+    )
+    assert listed.returncode == 0 and "ops" in listed.stdout, listed.stderr
+    assert not (elsewhere / "dfmod-data").exists()
 
 
 def test_worker_without_a_model_says_so_and_exits(tmp_path):
@@ -79,6 +152,19 @@ def test_migrate_command_brings_a_fresh_database_to_head(tmp_path):
     from dfmod.migrate import head_revision
 
     assert f"database at revision {head_revision()}" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_long_running_commands_spell_the_log_level_option_one_way(command):
+    from typer.testing import CliRunner
+
+    from dfmod.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+    assert "--log-level" in help_text and "--loglevel" not in help_text
+    refused = runner.invoke(app, [command, "--log-level", "chatty"])
+    assert refused.exit_code != 0 and "--log-level" in refused.output
 
 
 def test_tenants_and_tenant_keys_from_the_command_line(tmp_path):

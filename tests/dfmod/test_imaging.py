@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
-
 from tests.utils.images import make_image_bytes
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=20_000_000, min_side=16)
@@ -119,3 +118,115 @@ def test_unsupported_format_is_rejected():
     with pytest.raises(ImageRejected) as info:
         probe_image(buffer.getvalue(), LIMITS)
     assert info.value.reason == "not_an_image"
+
+
+# --- truncation that Pillow alone decodes as grey ---------------------------------------------------
+
+
+def _textured_jpeg(rng, size, progressive=False, quality=85) -> bytes:
+    """A JPEG with real detail everywhere, so every block costs scan data."""
+    small = bytes(rng.randrange(256) for _ in range((size[0] // 8) * (size[1] // 8) * 3))
+    image = Image.frombytes("RGB", (size[0] // 8, size[1] // 8), small).resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, progressive=progressive)
+    return buffer.getvalue()
+
+
+def _scan_start(data: bytes) -> int:
+    position = 2
+    while True:
+        marker, length = data[position + 1], int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            return position + 2 + length
+        position += 2 + length
+
+
+def _claim_size(data: bytes, width: int, height: int) -> bytes:
+    """Rewrite the frame header's dimensions, leaving the scan data as it is."""
+    patched = bytearray(data)
+    position = 2
+    while True:
+        marker, length = patched[position + 1], int.from_bytes(patched[position + 2 : position + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            patched[position + 5 : position + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+            return bytes(patched)
+        position += 2 + length
+
+
+def test_a_jpeg_cut_inside_its_scan_with_an_end_marker_appended_fails_as_truncated():
+    import random
+
+    rng = random.Random(9)
+    for _ in range(25):
+        data = _textured_jpeg(rng, (rng.randrange(64, 400), rng.randrange(64, 400)), quality=rng.randrange(40, 95))
+        start = _scan_start(data)
+        assert decode_image(data, LIMITS, target=(224, 224)).mode == "RGB"  # the whole file is fine
+        # Pillow on its own decodes the cut file, filling the rest with grey: that is what we must refuse.
+        cut = data[: rng.randrange(start + 1, len(data) - 12)] + b"\xff\xd9"
+        Image.open(io.BytesIO(cut)).load()
+        for target in (None, (224, 224)):
+            with pytest.raises(ImageRejected) as info:
+                decode_image(cut, LIMITS, target=target)
+            assert info.value.reason == "truncated"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_whose_header_claims_more_pixels_than_its_data_holds_fails_as_truncated(progressive):
+    import random
+
+    data = _textured_jpeg(random.Random(1), (256, 256), progressive=progressive)
+    liar = _claim_size(data, 7071, 7071)
+    assert Image.open(io.BytesIO(liar)).size == (7071, 7071)
+    with pytest.raises(ImageRejected) as info:
+        decode_image(liar, ImageLimits(max_pixels=50_000_000), target=(224, 224))
+    assert info.value.reason == "truncated"
+
+
+def test_complete_jpegs_of_every_kind_still_decode():
+    import random
+
+    rng = random.Random(3)
+    for progressive in (False, True):
+        for subsampling in (0, 1, 2):
+            image = Image.frombytes("RGB", (40, 30), rng.randbytes(40 * 30 * 3)).resize((317, 239))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", progressive=progressive, subsampling=subsampling, quality=90)
+            decoded = decode_image(buffer.getvalue(), LIMITS)
+            assert decoded.size == (317, 239)
+    # Restart markers, a grayscale JPEG and trailing bytes after the end marker (some cameras add them).
+    gray = io.BytesIO()
+    Image.new("L", (100, 80), 90).save(gray, format="JPEG")
+    assert decode_image(gray.getvalue() + b"trailer", LIMITS).getpixel((5, 5))[0] in range(85, 96)
+    restarts = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3)).save(restarts, format="JPEG", restart_marker_blocks=1)
+    assert decode_image(restarts.getvalue(), LIMITS).size == (64, 64)
+
+
+# --- the decode budget -------------------------------------------------------------------------------
+
+
+def test_decode_budget_caps_pixels_in_flight_and_admits_an_image_larger_than_itself():
+    import threading
+
+    from dfmod.imaging import DecodeBudget
+
+    budget = DecodeBudget(1_000_000)
+    images = [make_image_bytes("PNG", size=(1000, 600)) for _ in range(6)]  # 600k pixels each
+    threads = [threading.Thread(target=decode_image, args=(data, LIMITS, None, budget)) for data in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert budget.peak == 600_000  # never two at once: 1.2 M would exceed the budget
+    assert budget.in_use == 0
+    # Larger than the whole budget: decoded alone rather than refused or deadlocked.
+    assert decode_image(make_image_bytes("PNG", size=(1500, 1000)), LIMITS, budget=budget).size == (1500, 1000)
+    assert budget.peak == 1_000_000
+
+
+def test_decode_budget_is_weighted_by_the_jpeg_size_after_dct_scaling():
+    from dfmod.imaging import DecodeBudget
+
+    budget = DecodeBudget(10_000_000)
+    decode_image(make_image_bytes("JPEG", size=(2000, 1800)), LIMITS, target=(224, 224), budget=budget)
+    assert budget.peak == 250 * 225

@@ -80,3 +80,17 @@ def test_s3_storage_unreachable_endpoint_is_transient():
     )
     with pytest.raises(StorageUnavailable):
         storage.get("b", "k.jpg", max_bytes=10)
+
+
+@pytest.mark.parametrize("key", ["a/" + "x" * 256 + ".jpg", "\ud800.jpg", "ok/" + "é" * 128])
+def test_keys_no_store_can_hold_are_invalid(key):
+    from dfmod.storage import InvalidKey, validate_key
+
+    with pytest.raises(InvalidKey):
+        validate_key(key)
+
+
+def test_a_path_segment_of_255_bytes_is_still_a_valid_key():
+    from dfmod.storage import validate_key
+
+    assert validate_key("a/" + "x" * 251 + ".jpg")

@@ -11,7 +11,7 @@ from dfmod.detector import (
     ModelNotAvailable,
     Predictor,
     decision_threshold,
-    fake_probability,
+    fake_probabilities,
     read_meta,
 )
 from dfmod.training import calibration
@@ -48,10 +48,10 @@ def test_ece_of_a_perfectly_calibrated_constant_is_zero():
 
 def test_service_probability_applies_the_temperature_without_saturating():
     logits = torch.tensor([[0.0, 2.0], [3.0, 0.0], [0.0, 80.0]])
-    assert fake_probability(logits) == pytest.approx(torch.softmax(logits, 1)[:, 1].numpy(), abs=1e-6)
-    assert fake_probability(logits, 2.0)[:2] == pytest.approx(torch.softmax(logits[:2] / 2, 1)[:, 1].numpy(),
+    assert fake_probabilities(logits) == pytest.approx(torch.softmax(logits, 1)[:, 1].numpy(), abs=1e-6)
+    assert fake_probabilities(logits, 2.0)[:2] == pytest.approx(torch.softmax(logits[:2] / 2, 1)[:, 1].numpy(),
                                                               abs=1e-6)
-    assert np.isfinite(fake_probability(np.array([[1e4, -1e4]]), 0.5)).all()
+    assert np.isfinite(fake_probabilities(np.array([[1e4, -1e4]]), 0.5)).all()
 
 
 def test_operating_point_setting_picks_the_stored_threshold():
@@ -71,9 +71,10 @@ def test_trained_checkpoint_is_calibrated_and_served_calibrated(trained):
     assert meta.threshold_rule.endswith("(calibrated probability)")
     predictor = Predictor(result.checkpoint, device="cpu", operating_point="fpr_5")
     assert predictor.threshold == pytest.approx(meta.operating_points["fpr_5"]["threshold"])
-    batch = torch.randn(3, 3, 64, 64)
-    assert predictor.predict_arrays(list(batch.numpy())) == pytest.approx(
-        fake_probability(predictor.logits(batch), meta.temperature), abs=1e-6)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    logits = predictor.logits(pixels)
+    assert predictor.predict_pixels(pixels) == pytest.approx(
+        torch.softmax(torch.from_numpy(logits).double() / meta.temperature, 1)[:, 1].numpy(), abs=1e-6)
 
 
 def test_calibrate_command_adds_calibration_and_keeps_weights_and_decisions(trained, tmp_path):
@@ -101,9 +102,9 @@ def test_calibrate_command_adds_calibration_and_keeps_weights_and_decisions(trai
     before, after = load_file(str(plain)), load_file(str(out))
     assert all(torch.equal(before[name], after[name]) for name in before)
     # --threshold-rule keep: the same images are flagged before and after.
-    images = list(torch.randn(6, 3, 64, 64).numpy())
+    images = np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     old = Predictor(plain, device="cpu")
     new = Predictor(out, device="cpu")
-    assert [old.label_for(p) for p in old.predict_arrays(images)] == [new.label_for(p) for p in new.predict_arrays(images)]
+    assert [old.label_for(p) for p in old.predict_pixels(images)] == [new.label_for(p) for p in new.predict_pixels(images)]
     again = CliRunner().invoke(app, ["calibrate", str(out), str(data), "--out", str(tmp_path / "twice.safetensors")])
     assert again.exit_code == 1 and "calibrated already" in again.output

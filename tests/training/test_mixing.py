@@ -67,16 +67,16 @@ def test_balanced_weights_give_each_root_and_label_equal_shares():
     assert weights.sum() == pytest.approx(1.0)
 
     def share(predicate):
-        return sum(w for s, w in zip(samples, weights) if predicate(s))
+        return sum(w for s, w in zip(samples, weights, strict=True) if predicate(s))
 
     for domain in ("faces", "swaps"):
-        assert share(lambda s: s.domain == domain) == pytest.approx(0.5)
+        assert share(lambda s, domain=domain: s.domain == domain) == pytest.approx(0.5)
         for label in (0, 1):  # the root does not predict the label
-            assert share(lambda s: s.domain == domain and s.label == label) == pytest.approx(0.25)
+            assert share(lambda s, domain=domain, label=label: s.domain == domain and s.label == label) == pytest.approx(0.25)
     # Within faces/real: 90 vs 10 images get sqrt shares 3:1, not 9:1.
     assert share(lambda s: s.source == "celeb") / share(lambda s: s.source == "cam") == pytest.approx(3.0)
     equal = balanced_weights(samples, source_power=0.0)
-    assert sum(w for s, w in zip(samples, equal) if s.source == "cam") == pytest.approx(0.125)
+    assert sum(w for s, w in zip(samples, equal, strict=True) if s.source == "cam") == pytest.approx(0.125)
 
 
 def test_transfer_recipe_adds_crop_blur_and_jpeg_and_paper_stays_the_default():

@@ -4,15 +4,22 @@
   connection and refuses new ones (what clients see while a database restarts), ``restore()`` listens
   again on the same port; ``stall()`` keeps connections open but forwards nothing (a hung server).
 * :class:`PrivateRedis` is a ``redis-server`` of the test's own on a free port, restartable empty.
+* :class:`PrivatePostgres` is a throwaway cluster (initdb + pg_ctl) on a free port, restartable.
+* :class:`StallableS3` is a moto S3 server whose process can be stopped and continued (SIGSTOP/SIGCONT).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from glob import glob
 from pathlib import Path
 
 from dfmod.loopback import free_port, wait_for_port
@@ -141,3 +148,69 @@ class PrivateRedis:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+
+class PrivatePostgres:
+    """A throwaway cluster (initdb + pg_ctl) on a free loopback port; restartable."""
+
+    def __init__(self) -> None:
+        initdb = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not initdb and not shutil.which("initdb"):
+            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        self.bin = Path(initdb[-1]).parent if initdb else Path(shutil.which("initdb")).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="dfmod-faults-pg-"))
+        self.port = free_port()
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(self.dir, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.dir), "-A", "trust", "-U", "postgres")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.run_as, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def _pg_ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.dir), "-o", options, "-l", str(self.dir / "log"), "-w", *args)
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def restart(self) -> None:
+        self._pg_ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        try:
+            self._pg_ctl("stop", "-m", "immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+
+class StallableS3:
+    def __init__(self) -> None:
+        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+        if executable is None:
+            raise RuntimeError("moto_server is not installed")
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stall(self, seconds: float) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        self.process.wait(timeout=20)

@@ -19,10 +19,9 @@ from dfmod.settings import Settings
 from dfmod.storage import S3Storage
 from dfmod.training.data import scan_labelled_folder
 from dfmod.training.whole_photos import background, build_composites
-from worker.classify import BatchClassifier
-
 from tests.dfmod.test_faces import FACES_TEST, needs_faces
 from tests.worker.test_classify import _items, _put_and_record
+from worker.classify import BatchClassifier
 
 pytestmark = [needs_faces, pytest.mark.integration]
 
