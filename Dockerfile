@@ -12,8 +12,8 @@
 #
 # What each image holds is the project's dependencies plus the extras named by CPU_EXTRAS / GPU_EXTRAS.
 # torch comes only with the dependencies that ask for it: from the CPU wheel index for `cpu`, from PyPI
-# (CUDA builds) for `cuda`. Once the base install no longer needs torch (serving backends without it), the
-# `cpu` image, and so the API, carries no torch at all, with no change here.
+# (CUDA builds) for `cuda`. The base install serves on onnxruntime/OpenVINO without torch, so the `cpu` image,
+# and so the API, carries no torch at all.
 #
 # Layers, cheapest to rebuild last: torch (only pyproject.toml and the build args invalidate it), the other
 # dependencies (pyproject.toml), then the sources (`pip install . --no-deps`): a code change rebuilds only that.
@@ -37,8 +37,9 @@ COPY docker/requirements.py pyproject.toml ./
 RUN printf '%s\n' ${TORCH_CONSTRAINTS} > /src/torch-constraints.txt
 
 FROM venv AS build-cpu
-# Extras for the CPU image, comma-separated (e.g. `openvino`); empty: the base install.
-ARG CPU_EXTRAS=""
+# Extras for the CPU image, comma-separated; `openvino` brings the fastest accepted CPU backend
+# (openvino-int8, see the model card). Empty: the base install (onnxruntime), torch-free either way.
+ARG CPU_EXTRAS="openvino"
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python requirements.py --extras "${CPU_EXTRAS}" --only torch > torch.txt \
  && if [ -s torch.txt ]; then \

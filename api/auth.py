@@ -18,7 +18,8 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import Depends, Request, status

@@ -14,7 +14,8 @@ settings without touching globals.
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request

@@ -28,13 +28,20 @@ from sqlalchemy.orm import selectinload
 from api.auth import IngestKey, ReadKey, access, not_found
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.schemas import (
-    MAX_EVENT_RECORDS, Accepted, EventRecordResult, EventsOut, ItemId, ItemOut, RegisterIn, S3Notification, S3Record,
+    MAX_EVENT_RECORDS,
+    Accepted,
+    EventRecordResult,
+    EventsOut,
+    ItemId,
+    ItemOut,
+    RegisterIn,
+    S3Notification,
+    S3Record,
     SourceLabel,
 )
-from dfmod.db import Item
+from dfmod.db import Item, session_scope
 from dfmod.errors import DfmodError, NotFound
 from dfmod.imaging import probe_image
-from dfmod.db import session_scope
 from dfmod.lifecycle import NewItem, record_and_enqueue
 from dfmod.storage import BucketNotAllowed, ObjectTooLarge, StorageError, validate_key
 from dfmod.tenants import events_enabled, may_ingest, tenant_for_events_token
@@ -220,7 +227,7 @@ def _record_events(request: Request, settings, records: list, tenant_id: str) ->
         recorded = record_and_enqueue(
             session, factory, request.app.state.celery, settings, [new for _, new in to_record]
         )
-    for (index, new), rec in zip(to_record, recorded):
+    for (index, new), rec in zip(to_record, recorded, strict=True):
         if rec.item.tenant_id != tenant_id:  # another tenant's item already: refuse, and name nothing
             results[index] = EventRecordResult(bucket=new.bucket, key=new.key, status="rejected", reason="bucket_not_allowed")
             continue

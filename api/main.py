@@ -25,7 +25,6 @@ from api import admin_routes, ingest_routes, review_routes, tenant_routes
 from api.body_limit import BodyLimitMiddleware, route_limits
 from api.errors import install_error_handlers
 from api.ratelimit import RateLimiter
-
 from dfmod import telemetry
 from dfmod.db import make_engine, make_session_factory
 from dfmod.queue import make_celery
@@ -33,7 +32,6 @@ from dfmod.queue_depth import QueueDepthCollector
 from dfmod.settings import Settings
 from dfmod.storage import make_storage
 from dfmod.tenants import BucketDirectory
-
 
 STATIC = Path(__file__).resolve().parent / "static"
 REVIEW_PAGE = STATIC / "review"

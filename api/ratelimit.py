@@ -54,7 +54,7 @@ class RateLimiter:
                 if allowed:
                     continue
                 reset = self._strategy.get_window_stats(rule, "dfmod", kind, key_id).reset_time
-            except Exception:  # noqa: BLE001 - fail open: the limiter's store is an optimisation, not the API
+            except Exception:  # fail open: the limiter's store is an optimisation, not the API
                 logger.warning("rate-limit store unavailable; request let through", exc_info=True)
                 return
             retry_after = max(1, math.ceil(reset - time.time()))

@@ -22,13 +22,24 @@ from sqlalchemy.orm import selectinload
 from api.auth import ReviewKey, access, link_or_key, not_found, require, signed_link
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, after_commit
 from api.schemas import (
-    ClaimIn, ClaimOut, ItemDetail, ItemId, ItemPage, ItemSummary, QueryTime, ReleaseIn, RetractIn, ReviewIn, ReviewOut,
-    StorableText, VerdictOut,
+    ClaimIn,
+    ClaimOut,
+    ItemDetail,
+    ItemId,
+    ItemPage,
+    ItemSummary,
+    QueryTime,
+    ReleaseIn,
+    RetractIn,
+    ReviewIn,
+    ReviewOut,
+    StorableText,
+    VerdictOut,
 )
 from dfmod import review as reviews
 from dfmod.callbacks import EVENT_RETRACTION, EVENT_REVIEW, enqueue_events
 from dfmod.db import ApiKey, Item, ItemStatus, Tenant
-from dfmod.errors import Conflict, DfmodError, NotFound, Unavailable
+from dfmod.errors import Conflict, DfmodError, Unavailable
 from dfmod.imaging import DecodeBudget, decode_image, probe_image
 from dfmod.queue import HEATMAP_TASK, send_events
 from dfmod.storage import ObjectNotFound, StorageError, heatmap_key, thumbnail_key
@@ -207,7 +218,7 @@ def item_heatmap(
     if now - requested.get((item_id, version), -_HEATMAP_REQUEST_EVERY_S) >= _HEATMAP_REQUEST_EVERY_S:
         try:
             send_events(celery, settings, HEATMAP_TASK, [[item_id, version]])
-        except Exception as exc:  # noqa: BLE001 - any broker fault: tell the reviewer, not a 500
+        except Exception as exc:  # any broker fault: tell the reviewer, not a 500
             raise Unavailable("cannot queue the heatmap now", code="broker_unavailable") from exc
         requested[(item_id, version)] = now
     return JSONResponse(

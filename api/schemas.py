@@ -11,7 +11,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from dfmod.db import ApiKey, Item, Review, Tenant, Verdict
 
-
 # --- edge types: what the database columns and the stores can hold --------------------------------
 
 
@@ -64,7 +63,7 @@ class VerdictOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, verdict: Verdict) -> "VerdictOut":
+    def of(cls, verdict: Verdict) -> VerdictOut:
         return cls(
             label=verdict.label, fake_probability=verdict.fake_probability, threshold=verdict.threshold,
             model_version=verdict.model_version, inference_ms=verdict.inference_ms, batch_size=verdict.batch_size,
@@ -92,7 +91,7 @@ class ItemOut(BaseModel):
     verdicts: list[VerdictOut] = Field(default_factory=list, description="One per model version.")
 
     @classmethod
-    def of(cls, item: Item, with_verdicts: bool = True) -> "ItemOut":
+    def of(cls, item: Item, with_verdicts: bool = True) -> ItemOut:
         verdicts = [VerdictOut.of(v) for v in sorted(item.verdicts, key=lambda v: v.created_at)] if with_verdicts else []
         return cls(
             id=item.id, status=item.status.value, bucket=item.bucket, key=item.key, source=item.source,
@@ -204,7 +203,7 @@ class ReviewOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, review: Review, retracted: bool = False) -> "ReviewOut":
+    def of(cls, review: Review, retracted: bool = False) -> ReviewOut:
         return cls(
             id=review.id, decision=review.decision, note=review.note, reviewer=review.reviewer,
             retracts=review.retracts_id, retracted=retracted, model_label=review.model_label,
@@ -231,7 +230,7 @@ class ItemSummary(BaseModel):
     sha256: str | None = Field(None, description="SHA-256 of the bytes: equal for identical uploads (the review page marks them).")
 
     @classmethod
-    def of(cls, item: Item, thumbnail_url: str | None = None) -> "ItemSummary":
+    def of(cls, item: Item, thumbnail_url: str | None = None) -> ItemSummary:
         return cls(
             id=item.id, status=item.status.value, source=item.source, created_at=item.created_at, score=item.score,
             label=item.label, threshold=item.threshold,
@@ -307,7 +306,7 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None = None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "KeyOut":
+    def of(cls, key: ApiKey) -> KeyOut:
         return cls(
             id=key.id, name=key.name, prefix=key.prefix, scopes=sorted(key.scope_set),
             tenant=key.tenant.name if key.tenant is not None else None,
@@ -368,7 +367,7 @@ class TenantOut(BaseModel):
     disabled_at: datetime | None = None
 
     @classmethod
-    def of(cls, tenant: Tenant) -> "TenantOut":
+    def of(cls, tenant: Tenant) -> TenantOut:
         return cls(
             id=tenant.id, name=tenant.name, callback_url=tenant.callback_url,
             has_callback_secret=tenant.callback_secret_encrypted is not None,

@@ -2,7 +2,9 @@
 
 Four measurements, each through the production code path:
 
-* model-only: :meth:`~dfmod.detector.Predictor.predict_pixels` on resized images at the configured batch size;
+* model-only: :meth:`~dfmod.detector.Predictor.predict_pixels` on resized uint8 images at the configured batch
+  size, for the default backend and, side by side, for every installed backend and accepted precision
+  (``model_only_by_backend``);
 * end-to-end: N images already in an S3 server, recorded and enqueued at once, drained by a real
   ``dfmod worker`` process (fetch -> decode -> batch -> infer -> write verdicts);
 * unbatched: the same with batching disabled (one task = one forward pass);
@@ -12,6 +14,13 @@ Four measurements, each through the production code path:
 The throughput phases drain ``repeats`` backlogs and report the median; during the end-to-end drains the
 bench also adds up the CPU time of every process on the machine by role (worker, S3 server, database,
 broker), because on a machine that hosts them all that, not the model alone, is what bounds throughput.
+``worker_non_model_cpu_ms`` is the worker's CPU per image minus the forward pass's (model-only, same
+backend and batch): fetch, hash, decode, resize, Celery and SQL. The end-to-end drain is repeated with a
+``torch`` worker (``end_to_end_torch_img_s``) so the backends compare in one run.
+
+``dfmod bench --worker-only`` drives the :class:`~worker.classify.BatchClassifier` in this process from local
+storage and SQLite, without a broker or an S3 server, so the worker's own data path is measured (and can
+be profiled with ``--profile``) without those capping it; on a GPU this is the figure to read.
 
 Backends come from the ``DFMOD_*`` environment like everywhere else; where none is configured the bench
 uses a throw-away SQLite database, the embedded broker and a ``moto_server`` S3 endpoint it starts itself.
@@ -19,6 +28,7 @@ uses a throw-away SQLite database, the embedded broker and a ``moto_server`` S3 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -34,7 +44,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -63,6 +72,17 @@ class BenchResult:
     repeats: int = 1
     end_to_end_runs_img_s: list = field(default_factory=list)
     unbatched_runs_img_s: list = field(default_factory=list)
+    #: The default backend-precision (what `auto` picked), e.g. ``onnxruntime-int8``.
+    backend: str = ""
+    backend_reason: str = ""
+    #: Model-only img/s of every installed backend and accepted precision at ``batch_size``.
+    model_only_by_backend: dict = field(default_factory=dict)
+    #: Model-only img/s at batch 1 of the same backends (batching gains little on CPU).
+    model_only_batch1_by_backend: dict = field(default_factory=dict)
+    #: The end-to-end drain repeated with a torch worker (null where torch is not installed).
+    end_to_end_torch_img_s: float | None = None
+    #: Worker CPU per image outside the forward pass, in the batched end-to-end runs.
+    worker_non_model_cpu_ms: float | None = None
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -165,26 +185,67 @@ class _Process:
         self.handle.close()
 
 
-def _model_only(settings, batch_size: int, seconds: float) -> tuple[float, str, float]:
+def _throughput(predictor, batch_size: int, seconds: float) -> tuple[float, float]:
+    """(img/s, CPU ms per image) of the predictor on random uint8 pixels at ``batch_size``."""
     import numpy as np
 
-    from dfmod.detector import Predictor
-
-    predictor = Predictor(settings.checkpoint, device=settings.device, torch_threads=settings.torch_threads)
     _, height, width = predictor.meta.input_size
-    pixels = list(np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8))
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
     for _ in range(2):
         predictor.predict_pixels(pixels)
-    if predictor.device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
     done, started, cpu_started = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or done < 3 * batch_size:
-        predictor.predict_pixels(pixels)
+        predictor.predict_pixels(pixels)  # returns on the host: a CUDA batch has finished by then
         done += batch_size
-    img_s = done / (time.perf_counter() - started)
-    return img_s, predictor.device, 1000.0 * (time.process_time() - cpu_started) / done
+    return done / (time.perf_counter() - started), 1000.0 * (time.process_time() - cpu_started) / done
+
+
+def serving_candidates(checkpoint) -> list[tuple[str, str]]:
+    """Every (backend, precision) installed for the CPU with its file on disk: fp32 and accepted ones only."""
+    from dfmod.detector import (
+        CPU_RANKING,
+        ModelNotAvailable,
+        accepted_precisions,
+        choose_backend,
+        resolve_checkpoint_path,
+    )
+
+    path = resolve_checkpoint_path(checkpoint)
+    accepted = accepted_precisions(path)
+    found = []
+    for backend, precision in CPU_RANKING:
+        if precision != "fp32" and f"{backend}-{precision}" not in accepted:
+            continue
+        try:
+            choose_backend(path, backend, precision, "cpu")
+        except ModelNotAvailable:
+            continue
+        found.append((backend, precision))
+    return found
+
+
+def _model_only(settings, batch_size: int, seconds: float, progress=print) -> dict:
+    """The default backend's figures, then every installed backend and accepted precision, one at a time."""
+    from dfmod.detector import Predictor
+
+    common = dict(device=settings.device, torch_threads=settings.torch_threads)
+    default = Predictor(settings.checkpoint, backend=settings.backend, precision=settings.precision, **common)
+    img_s, cpu_ms = _throughput(default, batch_size, seconds)
+    result = {
+        "img_s": img_s, "cpu_ms": cpu_ms, "device": default.device, "backend": default.backend,
+        "reason": default.choice.reason, "by_backend": {}, "batch1_by_backend": {}, "cpu_ms_by_backend": {},
+    }
+    del default
+    others = serving_candidates(settings.checkpoint) if result["device"] == "cpu" else []
+    for backend, precision in others:
+        name = f"{backend}-{precision}"
+        progress(f"  model-only {name} ...")
+        predictor = Predictor(settings.checkpoint, backend=backend, precision=precision, **common)
+        result["by_backend"][name], result["cpu_ms_by_backend"][name] = _throughput(predictor, batch_size, seconds)
+        result["batch1_by_backend"][name], _ = _throughput(predictor, 1, seconds / 2)
+    if not others:
+        result["by_backend"][result["backend"]] = img_s
+    return result
 
 
 def _finished(factory, ids: list[str]) -> tuple[int, datetime | None]:
@@ -215,7 +276,7 @@ def _drain(
 
     keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(images))]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda kv: storage.put(settings.upload_bucket, kv[0], kv[1], "image/jpeg"), zip(keys, images)))
+        list(pool.map(lambda kv: storage.put(settings.upload_bucket, kv[0], kv[1], "image/jpeg"), zip(keys, images, strict=True)))
     with session_scope(factory) as session:
         recorded = record_items(session, [NewItem(bucket=settings.upload_bucket, key=key, source="bench") for key in keys])
     ids = [r.item.id for r in recorded]
@@ -294,8 +355,8 @@ def _bench_key(factory) -> str:
 
 
 def run_bench(
-    images: int, unbatched_images: int, latency_seconds: float, rate: Optional[float], model_seconds: float,
-    images_from: Optional[Path], progress=print, log_dir: Optional[Path] = None, repeats: int = 3,
+    images: int, unbatched_images: int, latency_seconds: float, rate: float | None, model_seconds: float,
+    images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 3,
 ) -> BenchResult:
     from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory
@@ -336,7 +397,9 @@ def run_bench(
         }
 
         progress(f"model-only throughput at batch {settings.batch_size} ...")
-        model_img_s, device, model_cpu_ms = _model_only(settings, settings.batch_size, model_seconds)
+        model = _model_only(settings, settings.batch_size, model_seconds, progress)
+        model_img_s, device, model_cpu_ms = model["img_s"], model["device"], model["cpu_ms"]
+        torch_available = importlib.util.find_spec("torch") is not None and model["backend"] != "torch-fp32"
 
         # Every phase gets images no earlier phase or run has seen: identical bytes would take the
         # verdict-reuse path and skip the model, flattering the figures.
@@ -344,6 +407,8 @@ def run_bench(
         sizes = {"warmup": 8, "warmup1": 4, "latency": latency_count}
         sizes |= {f"e2e{run}": images for run in range(repeats)}
         sizes |= {f"unbatched{run}": unbatched_images for run in range(repeats)}
+        if torch_available:
+            sizes |= {"warmupT": 8} | {f"e2eT{run}": images for run in range(repeats)}
         needed = sum(sizes.values())
         if images_from:
             pool = folder_jpegs(images_from, needed)
@@ -365,7 +430,7 @@ def run_bench(
             ]
 
         progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], env, workdir / "worker.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
@@ -385,9 +450,20 @@ def run_bench(
         finally:
             worker.stop()
 
+        e2e_torch = None
+        if torch_available:
+            progress(f"end-to-end with the torch backend: {repeats} x {images} images ...")
+            torch_env = {**env, "DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto"}
+            worker = _Process([*cli, "worker", "--loglevel", "INFO"], torch_env, workdir / "workerT.log", ready=b"ready.")
+            try:
+                _drain(settings, factory, celery_app, storage, phase["warmupT"], "warmupT", 120)
+                e2e_torch = statistics.median(drain_runs("e2eT", images))
+            finally:
+                worker.stop()
+
         progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
         unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
-        worker = _Process([*cli, "worker", "--loglevel", "INFO"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
             unbatched_runs = drain_runs("unbatched", unbatched_images)
@@ -406,6 +482,11 @@ def run_bench(
         unbatched_images=unbatched_images, latency_rate_img_s=offered, latency_samples=len(latencies), backends=backends,
         model_cpu_ms=round(model_cpu_ms, 2), end_to_end_cpu_ms=e2e_cpu_ms, repeats=repeats,
         end_to_end_runs_img_s=[round(x, 2) for x in e2e_runs], unbatched_runs_img_s=[round(x, 2) for x in unbatched_runs],
+        backend=model["backend"], backend_reason=model["reason"],
+        model_only_by_backend={k: round(v, 2) for k, v in model["by_backend"].items()},
+        model_only_batch1_by_backend={k: round(v, 2) for k, v in model["batch1_by_backend"].items()},
+        end_to_end_torch_img_s=round(e2e_torch, 2) if e2e_torch else None,
+        worker_non_model_cpu_ms=round(e2e_cpu_ms["worker"] - model_cpu_ms, 2) if "worker" in e2e_cpu_ms else None,
     )
 
 
@@ -422,19 +503,111 @@ def _env_for(settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class WorkerOnlyResult:
+    images: int
+    batch_size: int
+    backend: str
+    device: str
+    img_s: float
+    cpu_ms_per_image: float
+    model_cpu_ms_per_image: float
+    non_model_cpu_ms_per_image: float
+    phases_ms_per_image: dict
+
+
+def run_worker_only(images: int, images_from: Path | None, profile: Path | None = None, progress=print) -> WorkerOnlyResult:
+    """Drive the BatchClassifier in this process from local storage and SQLite: the worker's data path alone."""
+    import cProfile
+
+    from dfmod import migrate
+    from dfmod.db import make_engine, make_session_factory, session_scope
+    from dfmod.detector import Predictor
+    from dfmod.lifecycle import NewItem, record_items
+    from dfmod.settings import Settings
+    from dfmod.storage import make_storage
+    from worker.classify import BatchClassifier
+
+    base = Settings()
+    with tempfile.TemporaryDirectory(prefix="dfmod-bench-worker-") as scratch:
+        workdir = Path(scratch)
+        settings = Settings(**{
+            **base.model_dump(), "data_dir": workdir, "database_url": f"sqlite:///{workdir}/bench.db",
+            "storage_url": str(workdir / "objects"), "metrics_port": None, "callback_url": None, "callback_urls": {},
+        })
+        migrate.upgrade(settings)
+        storage = make_storage(settings)
+        factory = make_session_factory(make_engine(settings.resolved_database_url))
+        pool = folder_jpegs(images_from, images + 64) if images_from else synthetic_jpegs(images + 64, seed=1)
+        keys = [f"w/{index:06d}.jpg" for index in range(len(pool))]
+        for key, data in zip(keys, pool, strict=True):
+            storage.put(settings.upload_bucket, key, data, "image/jpeg")
+        with session_scope(factory) as session:
+            ids = [r.item.id for r in record_items(session, [NewItem(settings.upload_bucket, key) for key in keys])]
+        predictor = Predictor(
+            settings.checkpoint, device=settings.device, torch_threads=settings.torch_threads,
+            backend=settings.backend, precision=settings.precision,
+        )
+        model_img_s, model_cpu_ms = _throughput(predictor, settings.batch_size, 3.0)
+        classifier = BatchClassifier(settings, factory, storage, predictor)
+        size = settings.batch_size
+        try:
+            for start in range(0, 64, size):  # warm-up: first batches pay for lazy initialisation
+                classifier.run(ids[start : start + size])
+            timed = ids[64:]
+            progress(f"worker-only: {len(timed)} images through the BatchClassifier at batch {size} ({predictor.backend}) ...")
+            profiler = cProfile.Profile() if profile else None
+            phases = {"claim": 0.0, "fetch_decode": 0.0, "inference": 0.0, "persist": 0.0}
+            started, cpu_started = time.perf_counter(), time.process_time()
+            if profiler:
+                profiler.enable()
+            for start in range(0, len(timed), size):
+                report = classifier.run(timed[start : start + size])
+                phases["claim"] += report.claim_s
+                phases["fetch_decode"] += report.fetch_s
+                phases["inference"] += report.inference_s
+                phases["persist"] += report.persist_s
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(str(profile))
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        finally:
+            classifier.close()
+    cpu_ms = 1000.0 * cpu / len(timed)
+    return WorkerOnlyResult(
+        images=len(timed), batch_size=size, backend=predictor.backend, device=predictor.device,
+        img_s=round(len(timed) / wall, 2), cpu_ms_per_image=round(cpu_ms, 2),
+        model_cpu_ms_per_image=round(model_cpu_ms, 2), non_model_cpu_ms_per_image=round(cpu_ms - model_cpu_ms, 2),
+        phases_ms_per_image={k: round(1000.0 * v / len(timed), 3) for k, v in phases.items()},
+    )
+
+
 def bench_command(
     images: int = typer.Option(1024, help="Images for the end-to-end run."),
     unbatched_images: int = typer.Option(128, help="Images for the unbatched run."),
     latency_seconds: float = typer.Option(20.0, help="Duration of the fixed-rate latency run."),
-    rate: Optional[float] = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
+    rate: float | None = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
-    images_from: Optional[Path] = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
+    images_from: Path | None = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
     repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by about 15 %)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    log_dir: Optional[Path] = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
+    log_dir: Path | None = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
+    worker_only: bool = typer.Option(
+        False, "--worker-only",
+        help="Only drive the BatchClassifier in-process from local storage and SQLite (no broker, no S3 server).",
+    ),
+    profile: Path | None = typer.Option(None, help="With --worker-only: write cProfile stats of the timed run here."),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print
+    if worker_only:
+        outcome = run_worker_only(images, images_from, profile, progress=say)
+        if as_json:
+            print(json.dumps(outcome.__dict__, sort_keys=True))
+        else:
+            for key, value in outcome.__dict__.items():
+                print(f"{key:28} {value}")
+        return
     result = run_bench(
         images, unbatched_images, latency_seconds, rate, model_seconds, images_from, progress=say, log_dir=log_dir,
         repeats=repeats,
@@ -451,7 +624,18 @@ def bench_command(
     table.add_column("notes")
     ratio = result.end_to_end_img_s / result.model_only_img_s if result.model_only_img_s else float("nan")
     speedup = result.end_to_end_img_s / result.unbatched_img_s if result.unbatched_img_s else float("nan")
-    table.add_row("model-only", f"{result.model_only_img_s:.1f} img/s", "resized uint8 images: normalise + forward pass")
+    table.add_row(
+        "model-only", f"{result.model_only_img_s:.1f} img/s",
+        f"default backend {result.backend}: resized uint8 images, normalise + forward pass",
+    )
+    torch_by = result.model_only_by_backend.get("torch-fp32")
+    for name, img_s in sorted(result.model_only_by_backend.items(), key=lambda kv: -kv[1]):
+        batch1 = result.model_only_batch1_by_backend.get(name)
+        versus = f", {img_s / torch_by:.2f}x torch" if torch_by else ""
+        table.add_row(
+            f"  model-only {name}", f"{img_s:.1f} img/s",
+            (f"batch 1: {batch1:.1f} img/s" if batch1 else "") + versus + (" (default)" if name == result.backend else ""),
+        )
     def spread(runs: list) -> str:
         return f"median of {len(runs)}: {min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else "one run"
 
@@ -459,6 +643,11 @@ def bench_command(
         "end-to-end (batched)", f"{result.end_to_end_img_s:.1f} img/s",
         f"{result.images} images, {spread(result.end_to_end_runs_img_s)}; {ratio:.0%} of model-only",
     )
+    if result.end_to_end_torch_img_s:
+        table.add_row(
+            "end-to-end (torch backend)", f"{result.end_to_end_torch_img_s:.1f} img/s",
+            f"same drains with DFMOD_BACKEND=torch; default is {result.end_to_end_img_s / result.end_to_end_torch_img_s:.2f}x",
+        )
     table.add_row(
         "end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s",
         f"{result.unbatched_images} images, {spread(result.unbatched_runs_img_s)}; batched is {speedup:.1f}x",
@@ -473,5 +662,10 @@ def bench_command(
         "CPU per image, end-to-end", f"{cpu_total:.2f} ms",
         ", ".join(f"{role} {ms:.2f}" for role, ms in result.end_to_end_cpu_ms.items()),
     )
-    table.add_row("backends", ", ".join(f"{k}={v}" for k, v in result.backends.items()), "")
+    if result.worker_non_model_cpu_ms is not None:
+        table.add_row(
+            "worker CPU per image, not model", f"{result.worker_non_model_cpu_ms:.2f} ms",
+            "worker CPU minus the forward pass: fetch, hash, decode, resize, Celery, SQL",
+        )
+    table.add_row("backends", ", ".join(f"{k}={v}" for k, v in result.backends.items()), result.backend_reason[:120])
     Console(width=max(Console().width, 120)).print(table)

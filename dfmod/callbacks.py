@@ -104,7 +104,7 @@ def enqueue_events(app: Celery | None, settings: Settings, events: list[tuple[st
         return 0
     try:
         return send_events(app, settings, CALLBACK_TASK, [list(event) for event in events])
-    except Exception:  # noqa: BLE001 - the verdict or review is already committed; do not fail it
+    except Exception:  # the verdict or review is already committed; do not fail it
         telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
         logger.warning("could not enqueue %d callback event(s)", len(events), exc_info=True)
         return 0

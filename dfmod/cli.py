@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,7 +28,7 @@ app = typer.Typer(
 
 @app.callback()
 def _global_options(
-    data_dir: Optional[Path] = typer.Option(
+    data_dir: Path | None = typer.Option(
         None, "--data-dir", envvar="DFMOD_DATA_DIR",
         help="Where the embedded database, broker and objects live (DFMOD_DATA_DIR); every command uses it.",
     ),
@@ -49,6 +48,21 @@ def _settings(**overrides):
 
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level_option() -> typer.models.OptionInfo:
+    """The one ``--log-level`` option every long-running command takes (the same spelling everywhere)."""
+    return typer.Option("info", "--log-level", help=f"One of {', '.join(LOG_LEVELS)} (any case).")
+
+
+def _checked_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    return level
 
 
 def _fail(message: str) -> None:
@@ -79,10 +93,13 @@ def api(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
-    log_level: str = typer.Option("info"),
+    log_level: str = _log_level_option(),
 ) -> None:
     """Run the HTTP API (uvicorn). Does not load the model and does not migrate."""
     import uvicorn
+
+    log_level = _checked_level(log_level)
+    _logging(log_level.upper())
 
     if workers > 1:
         uvicorn.run("api.main:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
@@ -94,9 +111,9 @@ def api(
 
 @app.command()
 def worker(
-    loglevel: str = typer.Option("INFO", help="Celery log level."),
-    hostname: Optional[str] = typer.Option(None, help="Celery node name (default: celery@HOST)."),
-    queues: Optional[str] = typer.Option(
+    log_level: str = _log_level_option(),
+    hostname: str | None = typer.Option(None, help="Celery node name (default: celery@HOST)."),
+    queues: str | None = typer.Option(
         None, help="Comma-separated queues to consume (default: the classify and the events queue). "
         "Run `--queues dfmod-events` as its own process so slow callback receivers never hold classification.",
     ),
@@ -104,12 +121,13 @@ def worker(
     """Run a classification worker: batched Celery consumer, stuck-item sweep, Prometheus metrics."""
     from dfmod.detector import ModelNotAvailable
 
+    level = _checked_level(log_level).upper()
     settings = _settings()
-    _logging(loglevel)
+    _logging(level)
     from worker.app import run_worker
 
     try:
-        run_worker(settings, loglevel=loglevel, hostname=hostname, queues=queues.split(",") if queues else None)
+        run_worker(settings, log_level=level, hostname=hostname, queues=queues.split(",") if queues else None)
     except ModelNotAvailable as exc:
         _fail(str(exc))
 
@@ -214,7 +232,7 @@ def keys_list(all_keys: bool = typer.Option(False, "--all", help="Include revoke
 def _table(header: tuple[str, ...], rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+        typer.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
 
 
 @keys_app.command("revoke")
@@ -278,10 +296,10 @@ def _echo_secrets(made) -> None:
 @tenants_app.command("create")
 def tenants_create(
     name: str = typer.Option(..., "--name", help="The platform's name (a-z 0-9 . _ -)."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="Where its verdict and review events go."),
     bucket: list[str] = typer.Option([], "--bucket", help="A bucket of its own (repeat); a bucket has one tenant."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold (default: the model's)."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold (default: the model's)."),
+    review_band: float | None = typer.Option(None, help="Its review band (default: DFMOD_REVIEW_BAND)."),
 ) -> None:
     """Create a tenant; prints its events token and callback secret, shown this once."""
     from dfmod import tenants
@@ -316,11 +334,11 @@ def tenants_list() -> None:
 @tenants_app.command("update")
 def tenants_update(
     name: str = typer.Argument(..., help="The tenant's name or id."),
-    callback_url: Optional[str] = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
+    callback_url: str | None = typer.Option(None, "--callback-url", help="New callback URL ('' clears it)."),
     add_bucket: list[str] = typer.Option([], "--add-bucket", help="Give it a bucket (repeat)."),
     remove_bucket: list[str] = typer.Option([], "--remove-bucket", help="Take a bucket away (repeat)."),
-    threshold: Optional[float] = typer.Option(None, help="Its decision threshold."),
-    review_band: Optional[float] = typer.Option(None, help="Its review band."),
+    threshold: float | None = typer.Option(None, help="Its decision threshold."),
+    review_band: float | None = typer.Option(None, help="Its review band."),
     enable: bool = typer.Option(False, "--enable", help="Enable a disabled tenant."),
     rotate_callback_secret: bool = typer.Option(
         False, "--rotate-callback-secret", help="New callback secret (printed once); the old one signs too during --overlap."
@@ -364,6 +382,17 @@ def tenants_disable(name: str = typer.Argument(..., help="The tenant's name or i
     _tenant_command(action)
 
 
+@tenants_app.command("reencrypt")
+def tenants_reencrypt() -> None:
+    """Re-encrypt every tenant's callback secret with the first DFMOD_SECRET_KEY (after adding a new key first)."""
+    from dfmod import tenants
+
+    def action(session, settings):
+        typer.echo(f"re-encrypted {tenants.reencrypt_secrets(session, tenants.secret_box(settings))} secret(s)")
+
+    _tenant_command(action)
+
+
 @tenants_app.command("secret-key")
 def tenants_secret_key() -> None:
     """Print a new random DFMOD_SECRET_KEY (the key that encrypts tenants' callback secrets)."""
@@ -376,7 +405,7 @@ def tenants_secret_key() -> None:
 def up(
     host: str = typer.Option("127.0.0.1", help="Interface for the API."),
     port: int = typer.Option(8000, help="Port for the API."),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded database, broker and objects live."),
+    data_dir: Path | None = typer.Option(None, help="Where the embedded database, broker and objects live."),
 ) -> None:
     """Run API and worker together on embedded defaults: SQLite, a local folder, a filesystem broker.
 
@@ -548,11 +577,13 @@ def _up_key(settings) -> str:
 
 
 from dfmod.bench import bench_command  # noqa: E402 - commands defined in their own modules
+from dfmod.export import export_command  # noqa: E402
 from dfmod.training.commands import evaluate_command, train_command  # noqa: E402
 
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("bench")(bench_command)
+app.command("export")(export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -70,7 +70,7 @@ def start_heartbeat(settings: Settings, hostname: str, queues: list[str], stop: 
         while True:
             try:
                 beat(settings, hostname, queues)
-            except Exception:  # noqa: BLE001 - the broker may be down for a while; readiness will say so
+            except Exception:
                 logger.debug("consumer heartbeat failed", exc_info=True)
             if stop.wait(HEARTBEAT_EVERY_S):
                 return

@@ -13,9 +13,10 @@ import enum
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -37,8 +38,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    buckets: Mapped[list["TenantBucket"]] = relationship(
+    buckets: Mapped[list[TenantBucket]] = relationship(
         back_populates="tenant", order_by="TenantBucket.bucket", cascade="all, delete-orphan"
     )
 
@@ -163,7 +164,10 @@ class Item(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), default=DEFAULT_TENANT_ID)
+    # The server default keeps pre-tenant code working during a rolling upgrade (migration 0003).
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id"), default=DEFAULT_TENANT_ID, server_default=DEFAULT_TENANT_ID
+    )
     bucket: Mapped[str] = mapped_column(String(255))
     key: Mapped[str] = mapped_column(String(1024))
     # S3 version id, else the ETag, else "": one item per distinct object version, so a re-upload under the
@@ -201,10 +205,10 @@ class Item(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    verdicts: Mapped[list["Verdict"]] = relationship(
+    verdicts: Mapped[list[Verdict]] = relationship(
         back_populates="item", order_by="Verdict.created_at", cascade="all, delete-orphan"
     )
-    reviews: Mapped[list["Review"]] = relationship(
+    reviews: Mapped[list[Review]] = relationship(
         back_populates="item", order_by="Review.id", cascade="all, delete-orphan"
     )
 

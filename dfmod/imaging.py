@@ -27,9 +27,9 @@ import io
 import math
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 

@@ -66,7 +66,7 @@ def _resolve_tenants(session: Session, tenants: list[str] | tuple[str, ...]) -> 
     for name_or_id in dict.fromkeys(t.strip() for t in tenants if t.strip()):
         tenant = session.get(Tenant, name_or_id) or session.scalar(select(Tenant).where(Tenant.name == name_or_id))
         if tenant is None:
-            raise KeyProblem(f"no tenant with id or name {name_or_id!r}")
+            raise KeyProblem(f"no tenant with id or name {name_or_id!r}", code="tenant_not_found", http_status=404)
         if tenant.disabled_at is not None:
             raise KeyProblem(f"tenant {tenant.name!r} is disabled")
         found.append(tenant)

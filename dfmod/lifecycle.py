@@ -189,7 +189,7 @@ def enqueue_items(factory: sessionmaker[Session], app: Celery, settings: Setting
         return True
     try:
         enqueue(app, settings, item_ids)
-    except Exception:  # noqa: BLE001 - the database is the source of truth; the sweep catches up
+    except Exception:  # the database is the source of truth; the sweep catches up
         logger.warning("broker unavailable; %d item(s) left for the sweep", len(item_ids), exc_info=True)
         telemetry.TRANSIENT_ERRORS.labels(kind="broker").inc()
         return False

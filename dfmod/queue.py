@@ -10,7 +10,7 @@ filesystem transport for the embedded default; both get bounded prefetch and lat
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from celery import Celery
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):
@@ -110,7 +109,20 @@ class Settings(BaseSettings):
     )
 
     # --- worker ------------------------------------------------------------------------------------
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto picks CUDA if any.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Inference device; auto picks CUDA if torch is installed and sees a GPU."
+    )
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="Inference backend; auto takes the fastest accepted one installed for the device (CUDA: torch; "
+        "CPU: OpenVINO, then ONNX Runtime, then torch). The choice and its reason are logged and exported as the "
+        "backend label of dfmod_model_info.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="Inference precision on CPU; auto takes the fastest one that passed the acceptance check for the "
+        "model (see the model card). bf16 needs a CPU with avx512_bf16 or AMX.",
+    )
     checkpoint: Path | None = Field(None, description="Model checkpoint (.safetensors); default: the shipped one.")
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="Override the checkpoint's decision threshold on fake probability."
@@ -124,7 +136,9 @@ class Settings(BaseSettings):
         "(use it with 2 on GPU workers).",
     )
     worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the inference backend (any backend); default: all cores."
+    )
     visibility_timeout_s: int = Field(
         600, ge=1, description="Redis: unacked tasks of a dead worker are redelivered after this many seconds."
     )
@@ -193,7 +207,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_urls(self) -> "Settings":
+    def _check_urls(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("postgresql", "sqlite")):
             raise ValueError("DFMOD_DATABASE_URL must be postgresql+psycopg://... or sqlite:///...")
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
@@ -279,7 +293,7 @@ class Settings(BaseSettings):
     def readable_buckets(self) -> frozenset[str]:
         return frozenset([self.upload_bucket, *self.allowed_buckets])
 
-    def for_api(self) -> "Settings":
+    def for_api(self) -> Settings:
         """These settings with the API's tighter S3 budget (a request must not wait out the worker's retries)."""
         return self.model_copy(
             update={

@@ -13,9 +13,10 @@ import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from dfmod.errors import DfmodError
 from dfmod.settings import Settings
@@ -227,7 +228,7 @@ class S3Storage(_BucketRules):
         extra = {"ContentType": content_type} if content_type else {}
         try:
             response = self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
-        except Exception as exc:  # noqa: BLE001 - translated into our taxonomy
+        except Exception as exc:  # translated into our taxonomy
             raise self._translate(exc, bucket, key) from exc
         return ObjectInfo(
             bucket, key, len(data), etag=(response.get("ETag") or "").strip('"') or None,
@@ -238,7 +239,7 @@ class S3Storage(_BucketRules):
         self._check(bucket, key)
         try:
             response = self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, bucket, key) from exc
         return ObjectInfo(
             bucket, key, int(response.get("ContentLength", 0)), etag=(response.get("ETag") or "").strip('"') or None,
@@ -257,7 +258,7 @@ class S3Storage(_BucketRules):
             data = response["Body"].read(max_bytes + 1)
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, bucket, key) from exc
         if len(data) > max_bytes:
             raise ObjectTooLarge(f"object exceeds the limit of {max_bytes} bytes")
@@ -266,7 +267,7 @@ class S3Storage(_BucketRules):
     def check(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.upload_bucket)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._translate(exc, self.upload_bucket, "") from exc
 
 

@@ -41,7 +41,12 @@ ITEMS_INGESTED = Counter("dfmod_items_ingested_total", "Items recorded by the AP
 CALLBACK_ATTEMPTS = Counter(
     "dfmod_callback_attempts_total", "Callback delivery attempts, by event type and outcome.", ["event", "outcome"]
 )
-MODEL_INFO = Gauge("dfmod_model_info", "The loaded model (value 1).", ["model_version", "device"])
+MODEL_INFO = Gauge(
+    "dfmod_model_info",
+    "The loaded model (value 1): its version, device, backend-precision (e.g. onnxruntime-int8) and how that "
+    "backend was chosen (auto or configured).",
+    ["model_version", "device", "backend", "backend_choice"],
+)
 HTTP_REQUESTS = Counter(
     "dfmod_http_requests_total", "HTTP requests served by the API.", ["method", "route", "status"]
 )

@@ -36,7 +36,14 @@ from sqlalchemy import select, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from dfmod.db import (
-    DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME, ApiKey, Item, Tenant, TenantBucket, session_scope, utcnow,
+    DEFAULT_TENANT_ID,
+    DEFAULT_TENANT_NAME,
+    ApiKey,
+    Item,
+    Tenant,
+    TenantBucket,
+    session_scope,
+    utcnow,
 )
 from dfmod.errors import DfmodError
 from dfmod.settings import Settings
@@ -78,6 +85,17 @@ class SecretBox:
 
     def encrypt(self, secret: str) -> str:
         return self._fernet.encrypt(secret.encode()).decode()
+
+    def rotate(self, token: str) -> str:
+        """Re-encrypt under the first key (after ``DFMOD_SECRET_KEY`` gained a new first key)."""
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._fernet.rotate(token.encode()).decode()
+        except InvalidToken as exc:
+            raise TenantProblem(
+                "secret_key_mismatch", "a callback secret cannot be decrypted with DFMOD_SECRET_KEY", 500
+            ) from exc
 
     def decrypt(self, token: str) -> str:
         from cryptography.fernet import InvalidToken
@@ -132,7 +150,7 @@ class Access:
     review_tenants: frozenset[str] | None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "Access":
+    def of(cls, key: ApiKey) -> Access:
         scopes = key.scope_set
         if "admin" in scopes:
             review = None
@@ -346,6 +364,23 @@ def rotate_callback_secret(
     tenant.callback_secret_encrypted = box.encrypt(secret)
     tenant.updated_at = now
     return TenantSecrets(tenant, callback_secret=secret)
+
+
+def reencrypt_secrets(session: Session, box: SecretBox | None) -> int:
+    """Re-encrypt every stored callback secret with the first ``DFMOD_SECRET_KEY``; returns how many.
+
+    Rotating the encryption key: put the new key first and keep the old one after it, run this, then drop
+    the old key.
+    """
+    box = _require_box(box)
+    count = 0
+    for tenant in session.scalars(select(Tenant)):
+        for column in ("callback_secret_encrypted", "previous_secret_encrypted"):
+            value = getattr(tenant, column)
+            if value:
+                setattr(tenant, column, box.rotate(value))
+                count += 1
+    return count
 
 
 def rotate_events_token(session: Session, tenant: Tenant) -> TenantSecrets:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 #: Distributions that come from a torch wheel index rather than PyPI's defaults.
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}

@@ -13,7 +13,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_python, kubernetes_validate, playwright" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import dfmod, pytest, moto, helm_python, kubernetes_validate, playwright, ruff" 2>/dev/null \
    || [[ pyproject.toml -nt "$VENV/.dfmod-installed" ]]; then
   log "installing dfmod with its test extras"
   "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -82,6 +82,9 @@ if ! command -v chromium >/dev/null; then
   apt_install chromium || echo "could not install chromium: the browser test will fail" >&2
 fi
 export DFMOD_TEST_CHROMIUM=${DFMOD_TEST_CHROMIUM:-$(command -v chromium || echo /usr/bin/chromium)}
+
+log "ruff check"
+"$VENV/bin/ruff" check .
 
 log "running the tests"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dfmod.loopback import free_port, moto_server
-from tests.utils.processes import REPO_ROOT, WorkerProcess
+from tests.utils.processes import WorkerProcess
 from tests.utils.receivers import CallbackReceiver
 
 POSTGRES_ADMIN_URL = os.environ.get("DFMOD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -36,6 +36,36 @@ def checkpoint_path(tmp_path_factory) -> Path:
     meta = ModelMeta(model_version="test-random-0001", threshold=0.5, threshold_rule="test")
     path = tmp_path_factory.mktemp("model") / "test.safetensors"
     return save_checkpoint(build_model(meta), meta, path)
+
+
+@pytest.fixture(scope="session")
+def generated_faces(tmp_path_factory) -> Path:
+    """A small labelled folder (Real/ smooth textures, Fake/ sharper ones) made here, never a data set."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    root = tmp_path_factory.mktemp("generated")
+    rng = np.random.default_rng(7)
+    for label, blur in (("Real", 2.0), ("Fake", 0.0)):
+        (root / label).mkdir()
+        for index in range(24):
+            noise = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+            image = Image.fromarray(noise).resize((224, 224), Image.Resampling.BICUBIC)
+            if blur:
+                image = image.filter(ImageFilter.GaussianBlur(blur))
+            image.save(root / label / f"{index:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_checkpoint(checkpoint_path, generated_faces, tmp_path_factory) -> Path:
+    """The random-weight checkpoint exported by `dfmod export`: fp32 and int8 ONNX and OpenVINO IR, with the sidecar."""
+    from dfmod.export import export
+
+    out = tmp_path_factory.mktemp("exported")
+    export(checkpoint_path, out, formats=("onnx", "openvino"), calibration_folder=generated_faces, calibration_images=32,
+           accept_on=generated_faces, threads=1)
+    return out / checkpoint_path.name
 
 
 # --- Postgres --------------------------------------------------------------------------------------

@@ -54,10 +54,14 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     from dfmod.detector import Predictor
 
     predictor = Predictor(
-        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads
+        settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
+        backend=settings.backend, precision=settings.precision,
     )
     predictor.warmup(min(settings.batch_size, 8))
-    telemetry.MODEL_INFO.labels(model_version=predictor.model_version, device=predictor.device).set(1)
+    telemetry.MODEL_INFO.labels(
+        model_version=predictor.model_version, device=predictor.device, backend=predictor.backend,
+        backend_choice="auto" if predictor.choice.reason.startswith("auto") else "configured",
+    ).set(1)
     engine = make_engine(settings.resolved_database_url, settings.database_pool_size)
     factory = make_session_factory(engine)
     app = make_celery(settings)
@@ -120,7 +124,7 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
         while not stop.wait(settings.sweep_interval_s * random.uniform(0.8, 1.2)):
             try:
                 sweep_stuck_items(runtime.classifier.session_factory, runtime.celery, settings)
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+            except Exception:  # a failed sweep is retried next interval
                 logger.warning("stuck-item sweep failed", exc_info=True)
 
     thread = threading.Thread(target=loop, name="dfmod-sweep", daemon=True)
@@ -129,7 +133,7 @@ def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Th
 
 
 def run_worker(
-    settings: Settings, loglevel: str = "INFO", hostname: str | None = None, queues: list[str] | None = None
+    settings: Settings, log_level: str = "INFO", hostname: str | None = None, queues: list[str] | None = None
 ) -> None:
     from dfmod.imaging import share_allocator_arenas
 
@@ -147,7 +151,7 @@ def run_worker(
     start_heartbeat(settings, hostname or f"{socket.gethostname()}-{os.getpid()}", consumed, stop)
     argv = [
         "worker",
-        f"--loglevel={loglevel}",
+        f"--loglevel={log_level}",  # Celery's own spelling; ours is --log-level
         f"--pool={settings.worker_pool}",
         f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
         f"--queues={','.join(consumed)}",

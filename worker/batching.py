@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from time import monotonic
-from typing import Any, Callable
+from typing import Any
 
 from celery import Task
 
@@ -66,7 +67,7 @@ class BatchingTask(Task):
 
     # --- the consumer side ---------------------------------------------------------------------------
 
-    def Strategy(self, task: "BatchingTask", app, consumer) -> Callable:  # noqa: N802 - Celery's hook name
+    def Strategy(self, task: BatchingTask, app, consumer) -> Callable:  # noqa: N802 - Celery's hook name
         """Celery's hook, called at every consumer (re)start: re-arm the flush timer on the live timer."""
         timer = consumer.timer
         connection_errors = consumer.connection_errors
@@ -75,7 +76,7 @@ class BatchingTask(Task):
             if self._timer_entry is not None:
                 try:
                     self._timer_entry.cancel()
-                except Exception:  # noqa: BLE001 - the old timer may be gone with its hub
+                except Exception:  # the old timer may be gone with its hub
                     logger.debug("could not cancel the previous flush timer", exc_info=True)
             # Ticks four times per max_wait; each tick checks the buffer (cheap when it is empty).
             self._timer_entry = timer.call_repeatedly(max(self.max_wait / 4, 0.005), self._tick)
@@ -140,7 +141,7 @@ class BatchingTask(Task):
         try:
             try:
                 self.run([entry.args for entry in batch])
-            except Exception:  # noqa: BLE001 - back to the queue, never lost; the batch function logged why
+            except Exception:  # back to the queue, never lost; the batch function logged why
                 logger.exception("batch of %d failed; its messages go back to the queue", len(batch))
                 settle = [entry.requeue for entry in batch]
             else:
@@ -148,7 +149,7 @@ class BatchingTask(Task):
             for call in settle:
                 try:
                     call()
-                except Exception:  # noqa: BLE001 - a message of a dead channel: Redis redelivers it
+                except Exception:  # a message of a dead channel: Redis redelivers it
                     logger.debug("could not settle a message", exc_info=True)
         finally:
             with self._lock:

@@ -36,8 +36,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
-from dfmod.detector import Predictor, to_pixels
-from dfmod.imaging import DecodeBudget, ImageRejected, decode_image
+from dfmod.detector import Predictor, load_pixels
+from dfmod.imaging import DecodeBudget, ImageRejected
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -159,7 +159,7 @@ class BatchClassifier:
         fetch_started = time.perf_counter()
         self._reuse(outcomes, lambda o: o.item.sha256)
         pending = [o for o in outcomes if o.fake_probability is None]
-        for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending])):
+        for outcome, loaded in zip(pending, self._pool.map(self._load, [o.item for o in pending]), strict=True):
             outcome.sha256, outcome.size, outcome.array, outcome.failure, outcome.transient = loaded
         self._reuse([o for o in pending if o.array is not None], lambda o: o.sha256)
         report.fetch_s = time.perf_counter() - fetch_started
@@ -253,16 +253,15 @@ class BatchClassifier:
             return None, None, None, None, str(exc)
         except StorageError as exc:
             return None, None, None, (exc.reason, str(exc)), None
-        except Exception as exc:  # noqa: BLE001 - one object's fault (e.g. an OSError on a local key) is its own
+        except Exception as exc:  # one object's fault (e.g. an OSError on a local key) is its own
             logger.exception("unexpected error fetching %s/%s", item.bucket, item.key)
             return None, None, None, ("fetch_error", f"{type(exc).__name__}: {exc}"), None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data, self.limits, target=self.predictor.meta.image_size, budget=self.decode_budget)
-            array = to_pixels(image, self.predictor.meta)
+            array = load_pixels(data, self.limits, self.predictor.meta, budget=self.decode_budget)
         except ImageRejected as exc:
             return sha256, len(data), None, (exc.reason, exc.detail), None
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one item, not the batch
+        except Exception as exc:  # a decoder bug must fail one item, not the batch
             logger.exception("unexpected error decoding %s/%s", item.bucket, item.key)
             return sha256, len(data), None, ("decode_error", f"{type(exc).__name__}: {exc}"), None
         return sha256, len(data), array, None, None
@@ -284,7 +283,7 @@ class BatchClassifier:
             report.inference_s += elapsed
             telemetry.INFERENCE_SECONDS.observe(elapsed)
             telemetry.BATCH_SIZE.observe(len(chunk))
-            for outcome, score in zip(chunk, scores):
+            for outcome, score in zip(chunk, scores, strict=True):
                 probabilities[outcome.sha256] = float(score)
                 outcome.inference_ms = elapsed * 1000.0 / len(chunk)
                 outcome.batch_size = len(chunk)
@@ -333,7 +332,7 @@ class BatchClassifier:
             return
         try:
             enqueue(self.celery_app, self.settings, item_ids, countdown=RETRY_DELAY_S)
-        except Exception:  # noqa: BLE001 - they are queued in the database; the sweep sends them
+        except Exception:  # they are queued in the database; the sweep sends them
             logger.warning("could not re-enqueue %d item(s); the sweep will", len(item_ids), exc_info=True)
 
     def _release(self, item_ids: list[str], reason: str, report: BatchReport) -> None:

@@ -1,4 +1,7 @@
-"""Heatmaps on demand: fetch an item's image, run Grad-CAM with the worker's loaded model, cache the PNG.
+"""Heatmaps on demand: fetch an item's image, explain the worker's loaded model on it, cache the PNG.
+
+Grad-CAM where the worker runs the torch backend; an occlusion map where it runs ONNX Runtime or OpenVINO
+(a torch-free CPU worker), so heatmaps work on every deployment (see :mod:`dfmod.gradcam`).
 
 The API asks for a heatmap by enqueueing ``(item id, model version)`` and serves the PNG once it exists
 under :func:`dfmod.storage.heatmap_key` in the upload bucket. Making one is idempotent: an existing PNG is left alone.
@@ -31,7 +34,7 @@ class HeatmapMaker:
 
     def make(self, item_id: str, model_version: str) -> str | None:
         """Write the heatmap PNG if it is missing; returns its key, or None if it cannot be made here."""
-        from dfmod.gradcam import gradcam, overlay_png
+        from dfmod.gradcam import heatmap, overlay_png
 
         if model_version != self.predictor.model_version:
             # Another model's heatmap needs that model: a worker running it will pick the task up.
@@ -59,7 +62,7 @@ class HeatmapMaker:
         except (StorageError, ImageRejected) as exc:
             logger.warning("no heatmap for %s: %s", item_id, exc)
             return None
-        cam, _probability = gradcam(self.predictor, image)
+        cam, _probability, method = heatmap(self.predictor, image)
         self.storage.put(bucket, key, overlay_png(image, cam), content_type="image/png")
-        logger.info("heatmap for %s (%s) written to %s", item_id, model_version, key)
+        logger.info("heatmap (%s) for %s (%s) written to %s", method, item_id, model_version, key)
         return key

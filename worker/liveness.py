@@ -20,13 +20,12 @@ the ``loop`` file proves less there; ``dfmod up`` does not use liveness probes.
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 LOOP_FILE = "loop"
 BATCH_PREFIX = "batch-"
@@ -50,7 +49,6 @@ class Heartbeat:
         # Leftovers of a previous process in the same directory would read as a batch stuck for ever.
         for stale in self.directory.glob(f"{BATCH_PREFIX}*"):
             stale.unlink(missing_ok=True)
-        self._lock = threading.Lock()
 
     def beat(self) -> None:
         _touch(self.directory / LOOP_FILE)

@@ -8,7 +8,7 @@ dependencies). torch, timm and matplotlib are imported inside the commands so ``
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -84,18 +84,18 @@ def train_command(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present; CUDA trains channels_last "
                                                 "with autocast.")] = Device.auto,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU).")] = True,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: min(8, CPU "
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: min(8, CPU "
                                                         "count)).", show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from local timm-compatible weights (.safetensors "
+    init: Annotated[Path | None, typer.Option(help="Start from local timm-compatible weights (.safetensors "
                                                       "or .pth); its classifier is replaced. Default: random "
                                                       "initialisation. Nothing is downloaded.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue a run from its CKPT.state.pt (or its CKPT); "
+    resume: Annotated[Path | None, typer.Option(help="Continue a run from its CKPT.state.pt (or its CKPT); "
                                                         "--epochs is the total.")] = None,
     half: Annotated[bool, typer.Option("--half", help="Store the best checkpoint in fp16 (half the size, "
                                                       "for shipping).")] = False,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="Use at most N images per class per split "
+    limit_per_class: Annotated[int | None, typer.Option(help="Use at most N images per class per split "
                                                                 "(smoke runs).")] = None,
-    dataset_name: Annotated[Optional[str], typer.Option(help="Data set name in the model version (default: the "
+    dataset_name: Annotated[str | None, typer.Option(help="Data set name in the model version (default: the "
                                                              "data folder's name).", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -143,18 +143,21 @@ def evaluate_command(
                                            show_default=False)],
     report: Annotated[Path, typer.Option("--report", "-r", help="Folder for report.json, confusion_matrix.png, "
                                          "roc_curve.png and predictions.csv.", show_default=False)],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint to evaluate "
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to evaluate "
                                                        "(default: the shipped model).", show_default=False)] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when present.")] = Device.auto,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes (default: min(8, CPU "
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes (default: min(8, CPU "
                                                         "count)).", show_default=False)] = None,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="Evaluate at most N images per class (a seeded "
+    limit_per_class: Annotated[int | None, typer.Option(help="Evaluate at most N images per class (a seeded "
                                                                 "random subset).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="CSV with file and source columns for per-source "
+    manifest: Annotated[Path | None, typer.Option(help="CSV with file and source columns for per-source "
                                                           "metrics (default: manifest.csv in FOLDER or its "
                                                           "parent).", show_default=False)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    backend: Annotated[str, typer.Option(help="Inference backend: auto (what the service picks), torch, "
+                                              "onnxruntime or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, int8 or auto (what the service picks).")] = "auto",
 ) -> None:
     """Evaluate a checkpoint on Real/ and Fake/ images, as the worker would.
 
@@ -172,7 +175,8 @@ def evaluate_command(
     if manifest is not None and not manifest.is_file():
         raise _fail(FileNotFoundError(f"manifest {manifest} does not exist"))
     try:
-        result = evaluate(folder, checkpoint, report, device=device.value, batch_size=batch_size, workers=workers,
+        result = evaluate(folder, checkpoint, report, device=device.value, backend=backend, precision=precision,
+                          batch_size=batch_size, workers=workers,
                           limit_per_class=limit_per_class, manifest=manifest, progress=progress)
     except (DatasetError, ModelNotAvailable) as exc:
         raise _fail(exc) from None

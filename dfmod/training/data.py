@@ -9,9 +9,10 @@ The layout is the Kaggle copy of OpenForensics used by the paper::
 Folder names match case-insensitively (``Real`` or ``real``). Label 0 is real and 1 is fake, the class order
 of :data:`dfmod.detector.CLASS_NAMES`.
 
-Every image goes through :func:`dfmod.imaging.decode_image`, the worker's decoder; validation and evaluation
-then use :func:`dfmod.detector.preprocess` unchanged, and training applies its augmentation between the
-detector's resize and its normalisation, so the only difference between training and serving is the
+Every image goes through :func:`dfmod.imaging.decode_image`, the worker's decoder, and
+:func:`dfmod.detector.to_pixels`, the worker's resize; training applies its augmentation to those pixels and
+both datasets normalise with :func:`dfmod.torch_model.normalised_tensor`, the arithmetic of the serving
+module that the exported models carry, so the only difference between training and serving is the
 augmentation itself.
 """
 
@@ -19,16 +20,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
-import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from dfmod.detector import ModelMeta, preprocess, resize_for_model, to_normalized_array
+from dfmod.detector import ModelMeta, to_pixels
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def find_unreadable(samples: Iterable[Sample], limits: ImageLimits | None = None
     paths = [sample.path for sample in samples]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         reasons = list(pool.map(lambda path: _probe(path, limits), paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
 def check_readable(samples: Sequence[Sample], limits: ImageLimits | None = None, threads: int = 8) -> None:
@@ -234,8 +235,10 @@ class TrainDataset(Dataset):
         except (ImageRejected, OSError) as exc:
             # DataLoader workers re-raise this in the training process with its message, so the file is named.
             raise DatasetError(f"cannot decode training image {sample.path}: {exc}") from exc
-        image = self._transform(resize_for_model(image, self.meta))
-        return torch.from_numpy(to_normalized_array(image, self.meta)), sample.label
+        from dfmod.torch_model import normalised_tensor
+
+        image = self._transform(Image.fromarray(to_pixels(image, self.meta)))
+        return normalised_tensor(np.asarray(image), self.meta), sample.label
 
 
 class EvalDataset(Dataset):
@@ -256,13 +259,16 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            array = preprocess(load_image(sample.path, self.meta, self.limits), self.meta)
+            pixels = to_pixels(load_image(sample.path, self.meta, self.limits), self.meta)
             error = ""
         except ImageRejected as exc:
-            array, error = self._blank(), str(exc)
+            pixels, error = self._blank(), str(exc)
         except OSError as exc:
-            array, error = self._blank(), f"unreadable: {exc}"
-        return torch.from_numpy(array), sample.label, index, error
+            pixels, error = self._blank(), f"unreadable: {exc}"
+        from dfmod.torch_model import normalised_tensor
+
+        return normalised_tensor(pixels, self.meta), sample.label, index, error
 
     def _blank(self) -> np.ndarray:
-        return np.zeros(self.meta.input_size, dtype=np.float32)
+        height, width = self.meta.input_size[1:]
+        return np.zeros((height, width, 3), dtype=np.uint8)

@@ -1,7 +1,8 @@
 """``dfmod evaluate``: score a checkpoint on a folder of ``Real/`` and ``Fake/`` images and write a report.
 
-The images go through the worker's path (:func:`dfmod.imaging.decode_image`, :func:`dfmod.detector.preprocess`,
-:class:`dfmod.detector.Predictor`), so the report describes what the service would decide. The report folder
+The images go through the worker's own path (:func:`dfmod.detector.load_pixels`: decode, resize to uint8;
+then :class:`dfmod.detector.Predictor` on the same backend and precision the service would pick, which
+normalises inside the model), so the report describes exactly what the service would decide. The report folder
 receives ``report.json`` (metrics at the checkpoint's threshold at top level, the rest nested),
 ``confusion_matrix.png``, ``roc_curve.png`` and ``predictions.csv`` (one row per image).
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dfmod.training import scores
-from dfmod.training.data import DatasetError, EvalDataset, Sample, scan_labelled_folder
+from dfmod.training.data import DatasetError, Sample, scan_labelled_folder
 
 logger = logging.getLogger(__name__)
 
@@ -72,27 +73,42 @@ def _sha256(path: Path) -> str:
 
 
 def _run(predictor, samples: list[Sample], batch_size: int, workers: int, progress: bool):
-    import torch
-    from torch.utils.data import DataLoader
+    """P(fake) per sample (NaN where it failed) and the failures' reasons, through the worker's path."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    from dfmod.detector import FAKE_INDEX
+    from dfmod.detector import fake_probabilities, load_pixels
+    from dfmod.imaging import ImageLimits, ImageRejected
 
-    loader = DataLoader(EvalDataset(samples, predictor.meta), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=predictor.device == "cuda")
+    limits = ImageLimits()
+    height, width = predictor.meta.input_size[1:]
+
+    def load(index: int, out: np.ndarray) -> str:
+        try:
+            load_pixels(samples[index].path.read_bytes(), limits, predictor.meta, out=out)
+            return ""
+        except ImageRejected as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"unreadable: {exc}"
+
     probs = np.full(len(samples), np.nan)
     errors: dict[int, str] = {}
-    for images, _labels, indices, batch_errors in tqdm(loader, desc="evaluate", unit="batch", disable=not progress,
-                                                       dynamic_ncols=True, leave=False):
-        ok = [i for i, error in enumerate(batch_errors) if not error]
-        for i, error in enumerate(batch_errors):
-            if error:
-                errors[int(indices[i])] = error
-        if not ok:
-            continue
-        logits = predictor.logits(images[ok])
-        # float64 softmax: float32 saturates at 1.0 for confident images and inflates the loss.
-        probs[indices[ok].numpy()] = torch.softmax(logits.double(), dim=1)[:, FAKE_INDEX].numpy()
+    starts = range(0, len(samples), batch_size)
+    # Decoding releases the GIL: threads overlap it with the previous batch's forward pass.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True,
+                          leave=False):
+            indices = list(range(start, min(start + batch_size, len(samples))))
+            batch = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+            failures = list(pool.map(load, indices, list(batch)))
+            ok = [position for position, error in enumerate(failures) if not error]
+            for position, error in enumerate(failures):
+                if error:
+                    errors[indices[position]] = error
+            if ok:
+                probs[[indices[position] for position in ok]] = fake_probabilities(predictor.logits(batch[ok]))
     return probs, errors
 
 
@@ -102,6 +118,8 @@ def evaluate(
     report_dir: Path = Path("report"),
     *,
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
     limit_per_class: int | None = None,
@@ -121,7 +139,7 @@ def evaluate(
     if not samples:
         raise DatasetError(f"{folder} holds no images in Real/ or Fake/")
 
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision)
     meta = predictor.meta
     threshold = float(predictor.threshold)
     started = time.perf_counter()
@@ -187,6 +205,7 @@ def evaluate(
         "manifest": str(manifest_path) if manifest_path else None,
         "per_source": per_source,
         "device": predictor.device,
+        "backend": predictor.backend,
         "seconds": round(seconds, 3),
         "images_per_second": round(len(samples) / seconds, 2) if seconds else None,
         "outputs": {"confusion_matrix": CONFUSION_PNG, "roc_curve": ROC_PNG, "predictions": PREDICTIONS_CSV},
@@ -224,7 +243,7 @@ def _plot_confusion(matrix_at_threshold: dict, matrix_at_half: dict, threshold: 
 
     figure = Figure(figsize=(9, 4), layout="constrained")
     for axes, matrix, title in zip(figure.subplots(1, 2), (matrix_at_threshold, matrix_at_half),
-                                   (f"threshold {threshold:.4f}", "threshold 0.5")):
+                                   (f"threshold {threshold:.4f}", "threshold 0.5"), strict=True):
         values = np.asarray(matrix["matrix"])
         totals = values.sum(axis=1, keepdims=True)
         shares = np.divide(values, totals, out=np.zeros(values.shape, dtype=float), where=totals > 0)

@@ -123,7 +123,7 @@ class OutputPaths:
     metrics_json: Path
 
     @classmethod
-    def beside(cls, out: Path) -> "OutputPaths":
+    def beside(cls, out: Path) -> OutputPaths:
         out = Path(out)
         stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
         return cls(out, out.with_name(f"{stem}.state.pt"), out.with_name(f"{stem}.metrics.csv"),
@@ -269,7 +269,7 @@ def predict_loader(model, loader, precision: _Precision, device: str, desc: str,
         # float64 softmax: confident float32 probabilities saturate at exactly 1.0 and distort the loss.
         probs.append(torch.softmax(logits.double(), dim=1)[:, FAKE_INDEX].cpu().numpy())
         labels.append(batch_labels.numpy())
-        errors.extend((int(i), e) for i, e in zip(indices, batch_errors) if e)
+        errors.extend((int(i), e) for i, e in zip(indices, batch_errors, strict=True) if e)
     return np.concatenate(labels), np.concatenate(probs), errors
 
 

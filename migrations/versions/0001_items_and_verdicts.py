@@ -1,7 +1,7 @@
 """Items and verdicts: the moderation pipeline's tables.
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-26 01:25:22.463648
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision = '0001'
 down_revision = None

@@ -70,13 +70,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_tenant_buckets_tenant_id", "tenant_buckets", ["tenant_id"], unique=False)
 
-    # server_default only while the column is filled in: the models always write the tenant explicitly.
+    # The server default stays (expand/contract, docs/operations.md): the previous release's pods, still serving
+    # while this one rolls out, insert items without naming a tenant; those land in the default tenant. A later
+    # release may drop the default once no pre-tenant code can run against this schema.
     with op.batch_alter_table("items", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("tenant_id", sa.String(length=36), nullable=False, server_default=DEFAULT_TENANT_ID)
         )
     with op.batch_alter_table("items", schema=None) as batch_op:
-        batch_op.alter_column("tenant_id", server_default=None)
         batch_op.create_foreign_key(op.f("fk_items_tenant_id_tenants"), "tenants", ["tenant_id"], ["id"])
         batch_op.create_index("ix_items_tenant_created", ["tenant_id", "created_at", "id"], unique=False)
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.keys import revoke_key
-from tests.utils.records import bearer, seed_items
 from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer, seed_items
 
 pytestmark = pytest.mark.integration
 ITEM = "{item}"

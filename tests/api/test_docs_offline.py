@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from dfmod.loopback import free_port, wait_for_port
 from dfmod.settings import Settings
 from tests.api.test_review_page import CHROMIUM_ARGS, _chromium
-from dfmod.loopback import free_port, wait_for_port
 
 
 class _AssetRefs(HTMLParser):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 
 import httpx
@@ -21,7 +20,6 @@ import pytest
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-
 from dfmod.loopback import free_port, wait_for_port
 from tests.utils.hostile_inputs import Case, bad_image, encode, generate, textured, worst_case_png
 from tests.utils.images import make_image_bytes

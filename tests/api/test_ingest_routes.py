@@ -12,9 +12,8 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from dfmod.settings import Settings
-
-from tests.utils.records import bearer
 from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer event-secret"}

@@ -15,10 +15,9 @@ from dfmod import migrate
 from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.keys import create_key
 from dfmod.settings import Settings
-
+from tests.utils.images import make_image_bytes
 from tests.utils.processes import REPO_ROOT
 from tests.utils.records import bearer
-from tests.utils.images import make_image_bytes
 
 
 def _readme_examples() -> tuple[dict[str, str], dict, dict]:

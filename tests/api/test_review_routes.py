@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from api.main import create_app
 from dfmod.db import Review, make_engine, make_session_factory, session_scope
-from tests.utils.records import bearer, seed_items
 from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer, seed_items
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -45,7 +45,7 @@ def reviewer(integration_settings, make_api_key):
 @pytest.fixture
 def catalogue(integration_settings, reviewer) -> dict[str, str]:
     specs = [{**spec, "created_at": T0 + timedelta(hours=i)} for i, spec in enumerate(CATALOGUE.values())]
-    ids = dict(zip(CATALOGUE, seed_items(integration_settings, specs)))
+    ids = dict(zip(CATALOGUE, seed_items(integration_settings, specs), strict=True))
     for name, decision in DECIDED.items():
         response = reviewer.post(f"/v1/items/{ids[name]}/reviews", json={"decision": decision, "note": name})
         assert response.status_code == 201, response.text

@@ -143,13 +143,13 @@ def test_access_matrix(world, endpoint):
         for headers in ({}, bearer("dfmod_" + "u" * 43)):
             response = call(world, item, headers)
             assert response.status_code == 401, (endpoint, target, response.text)
-        for caller, status in zip(CALLERS, expected[target]):
+        for caller, _status in zip(CALLERS, expected[target], strict=True):
             response = call(world, item, bearer(world["keys"][caller]))
             observed[(target, caller)] = response.status_code
             if response.status_code == 404:
                 # "Not found", exactly as for an id that does not exist: nothing about the other tenant.
                 assert response.json() == {"error": "not_found", "message": f"no item {item}"}
-    wanted = {(target, caller): status for target in (OWN, OTHER) for caller, status in zip(CALLERS, expected[target])}
+    wanted = {(target, caller): status for target in (OWN, OTHER) for caller, status in zip(CALLERS, expected[target], strict=True)}
     assert observed == wanted
 
 
@@ -266,6 +266,16 @@ def test_tenant_admin_api_and_a_disabled_tenant(world):
     assert rotated.status_code == 200 and rotated.json()["callback_secret"] != body["callback_secret"]
     assert rotated.json()["previous_secret_until"] is not None
     assert client.get("/v1/tenants/nope", headers=admin).status_code == 404
+    # Keys for the new tenant over HTTP: an ingest key records into it; a review key is limited to it.
+    ingest_c = client.post("/v1/keys", json={"name": "c-ingest", "scopes": ["ingest"], "tenants": ["platform-c"]},
+                           headers=admin)
+    assert ingest_c.status_code == 201 and ingest_c.json()["tenant"] == "platform-c"
+    assert ingest_c.json()["tenants"] == ["platform-c"]
+    two = client.post("/v1/keys", json={"name": "c-two", "scopes": ["ingest"], "tenants": ["platform-c", "default"]},
+                      headers=admin)
+    assert two.status_code == 409 and two.json()["error"] == "key_conflict"
+    unknown = client.post("/v1/keys", json={"name": "c-x", "scopes": ["review"], "tenants": ["nope"]}, headers=admin)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "tenant_not_found"
 
     # Disabling A: its keys and events token answer 401; its items stay visible to the global reviewer.
     assert client.post(f"/v1/tenants/{made['a'].tenant.name}/disable", headers=admin).status_code == 200

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.utils.processes import REPO_ROOT
 
 
-def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, checkpoint_path):
+def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exported_checkpoint):
     env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
-        "DFMOD_CHECKPOINT": str(checkpoint_path),
+        "DFMOD_CHECKPOINT": str(exported_checkpoint),
         "DFMOD_TORCH_THREADS": "1",
         "DFMOD_BATCH_SIZE": "8",
     }
@@ -43,3 +45,33 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, checkpo
     unbatched_log = (tmp_path / "logs" / "worker1.log").read_text()
     assert any(f"batch: {n} requested" in batched_log for n in range(2, 9))
     assert "batch: 1 requested" in unbatched_log and "batch: 2 requested" not in unbatched_log
+
+    # Backends: the default is what auto picked (not torch: the model is exported), every installed backend
+    # was measured at the same batch, and the end-to-end drain was repeated with a torch worker.
+    assert result["backend"].startswith(("openvino-", "onnxruntime-")) and result["backend_reason"].startswith("auto")
+    assert {"torch-fp32", "onnxruntime-fp32", "openvino-fp32"} <= set(result["model_only_by_backend"])
+    assert result["backend"] in result["model_only_by_backend"]
+    assert all(value > 0 for value in result["model_only_by_backend"].values())
+    assert result["end_to_end_torch_img_s"] > 0
+    assert "backend torch-fp32" in (tmp_path / "logs" / "workerT.log").read_text()
+    assert result["worker_non_model_cpu_ms"] == pytest.approx(
+        result["end_to_end_cpu_ms"]["worker"] - result["model_cpu_ms"], abs=0.02
+    )
+
+
+def test_worker_only_bench_drives_the_batch_classifier_from_local_storage(exported_checkpoint, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
+        "DFMOD_CHECKPOINT": str(exported_checkpoint), "DFMOD_TORCH_THREADS": "1", "DFMOD_BATCH_SIZE": "8",
+        "DFMOD_BACKEND": "onnxruntime", "DFMOD_PRECISION": "fp32",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "dfmod", "bench", "--worker-only", "--json", "--images", "32",
+         "--profile", str(tmp_path / "worker.prof")],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["images"] == 32 and result["batch_size"] == 8 and result["backend"] == "onnxruntime-fp32"
+    assert result["img_s"] > 0 and result["cpu_ms_per_image"] > result["model_cpu_ms_per_image"] > 0
+    assert set(result["phases_ms_per_image"]) == {"claim", "fetch_decode", "inference", "persist"}
+    assert (tmp_path / "worker.prof").stat().st_size > 0

@@ -13,13 +13,19 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from dfmod.callbacks import (
-    EVENT_REVIEW, EVENT_VERDICT, backoff_s, deliver, event_id, sign, verify_signature,
+    EVENT_REVIEW,
+    EVENT_VERDICT,
+    backoff_s,
+    deliver,
+    event_id,
+    sign,
+    verify_signature,
 )
 from dfmod.db import CallbackDelivery, make_engine, make_session_factory, session_scope
 from dfmod.keys import create_key
+from dfmod.loopback import free_port
 from dfmod.review import record_review
 from dfmod.settings import Settings
-from dfmod.loopback import free_port
 from tests.utils.records import seed_items
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.utils.processes import REPO_ROOT
 from dfmod.loopback import free_port, wait_for_port
 from tests.utils.images import make_image_bytes
+from tests.utils.processes import REPO_ROOT
 
 
 def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_path):
@@ -152,6 +152,19 @@ def test_migrate_command_brings_a_fresh_database_to_head(tmp_path):
     from dfmod.migrate import head_revision
 
     assert f"database at revision {head_revision()}" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_long_running_commands_spell_the_log_level_option_one_way(command):
+    from typer.testing import CliRunner
+
+    from dfmod.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+    assert "--log-level" in help_text and "--loglevel" not in help_text
+    refused = runner.invoke(app, [command, "--log-level", "chatty"])
+    assert refused.exit_code != 0 and "--log-level" in refused.output
 
 
 def test_tenants_and_tenant_keys_from_the_command_line(tmp_path):

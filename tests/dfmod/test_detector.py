@@ -1,4 +1,4 @@
-"""Checkpoints, preprocessing and the predictor that the worker, evaluation and the benchmark share."""
+"""Checkpoints, the one preprocessing path and the predictor that the worker, evaluation and the benchmark share."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from dfmod.detector import (
     default_checkpoint_path,
     fold_batchnorm,
     load_checkpoint,
-    preprocess,
     read_meta,
     resolve_checkpoint_path,
     save_checkpoint,
@@ -41,16 +40,24 @@ def test_half_checkpoint_is_smaller_and_predicts_alike(tmp_path):
     half = save_checkpoint(model, meta, tmp_path / "half.safetensors", half=True)
     assert half.stat().st_size < 0.6 * full.stat().st_size
     images = [Image.new("RGB", (256, 256), (i * 40, 100, 200 - i * 30)) for i in range(4)]
-    a = Predictor(full, device="cpu").predict_images(images)
-    b = Predictor(half, device="cpu").predict_images(images)
+    a = Predictor(full, device="cpu", backend="torch").predict_images(images)
+    b = Predictor(half, device="cpu", backend="torch").predict_images(images)
     assert np.allclose(a, b, atol=1e-2)
 
 
-def test_preprocess_resizes_to_the_input_size_and_normalises():
+def test_pixels_are_resized_uint8_and_the_serving_module_normalises_them():
+    import torch
+
+    from dfmod.detector import to_pixels
+    from dfmod.torch_model import ServingModule
+
     meta = ModelMeta()
-    array = preprocess(Image.new("RGB", (500, 300), (255, 0, 0)), meta)
-    assert array.shape == (3, 224, 224) and array.dtype == np.float32
-    assert array[0, 0, 0] == pytest.approx((1.0 - IMAGENET_MEAN[0]) / 0.229, rel=1e-5)
+    pixels = to_pixels(Image.new("RGB", (500, 300), (255, 0, 0)), meta)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8 and tuple(pixels[0, 0]) == (255, 0, 0)
+    normalised = ServingModule(torch.nn.Identity(), meta).normalise(torch.from_numpy(pixels[None]))
+    assert normalised.shape == (1, 3, 224, 224)
+    assert normalised[0, 0, 0, 0].item() == pytest.approx((1.0 - IMAGENET_MEAN[0]) / 0.229, rel=1e-5)
+    assert normalised[0, 1, 0, 0].item() == pytest.approx((0.0 - IMAGENET_MEAN[1]) / 0.224, rel=1e-5)
 
 
 def test_predictor_returns_one_probability_per_image(checkpoint_path):
@@ -74,19 +81,6 @@ def test_non_dfmod_safetensors_is_rejected(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="no dfmod metadata"):
         read_meta(tmp_path / "other.safetensors")
-
-
-def test_pixel_path_of_the_worker_matches_the_float_path_of_evaluation(checkpoint_path):
-    from dfmod.detector import to_pixels
-
-    predictor = Predictor(checkpoint_path, device="cpu")
-    rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(4)]
-    pixels = [to_pixels(image, predictor.meta) for image in images]
-    assert pixels[0].dtype == np.uint8 and pixels[0].shape == (224, 224, 3)
-    from_pixels = predictor.predict_pixels(pixels)
-    from_floats = predictor.predict_arrays([preprocess(image, predictor.meta) for image in images])
-    assert np.allclose(from_pixels, from_floats, atol=1e-5)
 
 
 def _randomise_norm_statistics(model, seed: int = 0) -> None:
@@ -128,13 +122,15 @@ def test_folding_refuses_a_model_in_training_mode():
 def test_predictor_serves_the_shipped_model_folded_with_unchanged_probabilities():
     import torch
 
-    predictor = Predictor(default_checkpoint_path(), device="cpu")
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    from dfmod.detector import to_pixels
+    from dfmod.torch_model import normalised_tensor
+
+    predictor = Predictor(default_checkpoint_path(), device="cpu", backend="torch")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.runner.model.modules())
     reference, meta = load_checkpoint(default_checkpoint_path())
     rng = np.random.default_rng(2)
-    images = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
-    arrays = [preprocess(image, meta) for image in images]
+    pixels = [to_pixels(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), meta) for _ in range(4)]
     with torch.inference_mode():
-        logits = reference(torch.from_numpy(np.stack(arrays)))
-    expected = torch.softmax(logits, dim=1)[:, 1].numpy()
-    assert np.allclose(predictor.predict_arrays(arrays), expected, atol=1e-4)
+        logits = reference(torch.stack([normalised_tensor(p, meta) for p in pixels]))
+    expected = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
+    assert np.allclose(predictor.predict_pixels(pixels), expected, atol=1e-4)

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
-
 from tests.utils.images import make_image_bytes
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=20_000_000, min_side=16)

@@ -4,22 +4,34 @@ that no other module writes ``Item.status``."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import ast
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 
-from dfmod import migrate
+from dfmod import lifecycle, migrate
 from dfmod.db import (
-    DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope, utcnow,
+    DEFAULT_TENANT_ID,
+    Item,
+    ItemStatus,
+    Verdict,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    utcnow,
 )
-from dfmod import lifecycle
 from dfmod.lifecycle import (
-    IllegalTransition, ItemResult, NewItem, VerdictData, claim_for_classification, persist_results, record_items,
-    release_claims, sweep_stuck_items,
+    IllegalTransition,
+    ItemResult,
+    NewItem,
+    VerdictData,
+    claim_for_classification,
+    persist_results,
+    record_items,
+    release_claims,
+    sweep_stuck_items,
 )
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
@@ -215,7 +227,7 @@ def _status_writes(tree: ast.AST) -> list[int]:
                 if keyword.arg == "status" and "ItemStatus" in ast.unparse(keyword.value):
                     lines.append(node.lineno)
         if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "status" and "ItemStatus" in ast.unparse(value):
                     lines.append(node.lineno)
     return lines

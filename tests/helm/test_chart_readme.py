@@ -36,7 +36,7 @@ def _documented_keys(text: str) -> dict[str, object]:
 
 
 def _table(readme: str) -> dict[str, str]:
-    rows = re.findall(r"^\| `([^`]+)` \| `(.*?)` \| .+ \|$", readme[readme.index("## Values"):], re.M)
+    rows = re.findall(r"^\| `([^`]+)` \| `(.*?)` \| .+ \|$", readme[readme.index("## Values"):], re.MULTILINE)
     return dict(rows)
 
 
@@ -44,6 +44,7 @@ def test_values_table_matches_values_yaml(chart):
     documented = _documented_keys((chart.chart_dir / "values.yaml").read_text())
     table = _table((chart.chart_dir / "README.md").read_text())
     assert len(documented) > 150
+    # Out of date? `python scripts/chart_values_table.py --write` regenerates the table.
     assert sorted(set(documented) - set(table)) == []  # a new key needs its row
     assert sorted(set(table) - set(documented)) == []  # a removed key loses its row
     for key, default in documented.items():

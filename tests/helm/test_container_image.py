@@ -170,7 +170,7 @@ def test_package_data_ships_the_checkpoint(root):
 class _Handler(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802 - http.server API
+    def do_GET(self):  # http.server API
         self.send_response(self.status if self.path == "/healthz" else 404)
         self.end_headers()
         self.wfile.write(b"ok")
@@ -261,10 +261,9 @@ def test_base_image_and_torch_range_are_pinned(root, stages):
     torch = next(c for c in constraints if c.startswith("torch>="))
     assert "<" in torch, "torch has an upper bound"
     # The range holds the torch the tests run with.
+    import torch as installed
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
-
-    import torch as installed
 
     assert Version(installed.__version__.split("+")[0]) in SpecifierSet(torch.removeprefix("torch"))
 

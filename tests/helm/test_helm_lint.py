@@ -8,7 +8,6 @@ import shutil
 
 import helm_python as helm
 import jsonschema
-import pytest
 import yaml
 
 

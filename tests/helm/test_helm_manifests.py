@@ -165,7 +165,7 @@ def test_service_monitor_structure(chart, rendered, scenario):
         match_labels = spec["selector"].get("matchLabels", {})
         expressions = spec["selector"].get("matchExpressions", [])
 
-        def selected(service):
+        def selected(service, match_labels=match_labels, expressions=expressions):
             labels = service["metadata"]["labels"]
             if not match_labels.items() <= labels.items():
                 return False

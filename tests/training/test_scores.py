@@ -50,7 +50,7 @@ def test_equal_error_rate_interpolates_between_roc_points():
 
 
 def test_loss_is_mean_cross_entropy():
-    expected = -np.mean([math.log(1 - p) if y == 0 else math.log(p) for y, p in zip(LABELS, PROBS)])
+    expected = -np.mean([math.log(1 - p) if y == 0 else math.log(p) for y, p in zip(LABELS, PROBS, strict=True)])
     assert scores.cross_entropy(LABELS, PROBS) == pytest.approx(expected)
 
 

@@ -13,8 +13,8 @@ import io
 import json
 import random
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from PIL import Image
 

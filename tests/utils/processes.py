@@ -20,7 +20,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],

@@ -19,7 +19,14 @@ def seed_items(settings, specs: list[dict]) -> list[str]:
     from datetime import datetime, timedelta, timezone
 
     from dfmod.db import (
-        DEFAULT_TENANT_ID, Item, ItemStatus, Verdict, make_engine, make_session_factory, new_id, session_scope,
+        DEFAULT_TENANT_ID,
+        Item,
+        ItemStatus,
+        Verdict,
+        make_engine,
+        make_session_factory,
+        new_id,
+        session_scope,
     )
 
     engine = make_engine(settings.resolved_database_url, pool_size=1)

@@ -13,9 +13,8 @@ from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factor
 from dfmod.detector import Predictor
 from dfmod.lifecycle import NewItem, record_items
 from dfmod.storage import S3Storage
-from worker.classify import BatchClassifier
-
 from tests.utils.images import make_image_bytes
+from worker.classify import BatchClassifier
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def _put_and_record(classifier, s3_buckets, objects: dict[str, bytes]) -> dict[s
         client.put_object(Bucket=bucket, Key=key, Body=data)
     with session_scope(classifier.session_factory) as session:
         recorded = record_items(session, [NewItem(bucket=bucket, key=key) for key in objects])
-    return {key: r.item.id for key, r in zip(objects, recorded)}
+    return {key: r.item.id for key, r in zip(objects, recorded, strict=True)}
 
 
 def _items(classifier) -> dict[str, Item]:
@@ -180,7 +179,7 @@ def _put_and_record_for(classifier, s3_buckets, tenant_id: str, objects: dict[st
         client.put_object(Bucket=bucket, Key=key, Body=data)
     with session_scope(classifier.session_factory) as session:
         recorded = record_items(session, [NewItem(bucket=bucket, key=key, tenant_id=tenant_id) for key in objects])
-    return {key: r.item.id for key, r in zip(objects, recorded)}
+    return {key: r.item.id for key, r in zip(objects, recorded, strict=True)}
 
 
 def test_identical_bytes_across_tenants_reuse_the_verdict_but_never_name_the_other_item(classifier, s3_buckets):

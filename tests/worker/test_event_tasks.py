@@ -16,9 +16,9 @@ from sqlalchemy import select
 from api.main import create_app
 from dfmod.db import CallbackDelivery, make_engine, make_session_factory, session_scope
 from dfmod.settings import Settings
-from tests.utils.records import bearer
-from tests.utils.images import make_image_bytes
 from tests.dfmod.test_callbacks import verify_dfmod_signature
+from tests.utils.images import make_image_bytes
+from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
 SECRET = "worker-callback-secret"

@@ -23,7 +23,6 @@ from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.loopback import free_port
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
-
 from tests.utils.faults import PrivatePostgres, PrivateRedis, StallableS3
 from tests.utils.images import make_image_bytes
 from tests.utils.processes import WorkerProcess

@@ -33,7 +33,7 @@ SLOW_WORKER = Path(__file__).with_name("slow_batch_worker.py")
 class SlowBatchWorker(WorkerProcess):
     """A real worker process whose batches each last ``DFMOD_TEST_SLOW_BATCH_S`` seconds longer."""
 
-    def start(self) -> "SlowBatchWorker":
+    def start(self) -> SlowBatchWorker:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SLOW_WORKER), "--hostname", f"slow-{uuid.uuid4().hex[:6]}@%h"],

@@ -49,9 +49,8 @@ def test_a_batch_stuck_in_a_pool_thread_fails_while_the_loop_beats(tmp_path):
 
 def test_a_failed_batch_still_clears_its_marker_and_beats(tmp_path):
     heartbeat = Heartbeat(tmp_path)  # no beat yet
-    with pytest.raises(RuntimeError):
-        with heartbeat.batch():
-            raise RuntimeError("decode failed")
+    with pytest.raises(RuntimeError), heartbeat.batch():
+        raise RuntimeError("decode failed")
     assert not list(tmp_path.glob(f"{BATCH_PREFIX}*"))
     assert check(tmp_path, 5).alive
 

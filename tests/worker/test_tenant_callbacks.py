@@ -15,9 +15,9 @@ from pydantic import SecretStr
 from api.main import create_app
 from dfmod import tenants
 from dfmod.db import make_engine, make_session_factory, session_scope
+from tests.dfmod.test_callbacks import verify_dfmod_signature
 from tests.utils.images import make_image_bytes
 from tests.utils.records import bearer
-from tests.dfmod.test_callbacks import verify_dfmod_signature
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
 from dfmod.lifecycle import NewItem, enqueue_items, record_items
 from dfmod.queue import make_celery
-
 from tests.utils.images import make_image_bytes
 
 pytestmark = pytest.mark.integration
@@ -74,7 +73,7 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(integratio
     count = 48
     # Big images and batch 16 make each batch last long enough to be caught in the middle.
     overrides = dict(DFMOD_BATCH_SIZE=16, DFMOD_BATCH_WAIT_MS=300, DFMOD_VISIBILITY_TIMEOUT_S=4, DFMOD_STUCK_AFTER_S=30)
-    ids = _seed(integration_settings, s3_buckets, count, size=(1200, 1200))
+    _seed(integration_settings, s3_buckets, count, size=(1200, 1200))
     worker = worker_factory(**overrides)
     caught = _wait_for(lambda: _status_counts(integration_settings).get(ItemStatus.processing, 0) > 0, 60, 0.02)
     assert caught, worker.log()

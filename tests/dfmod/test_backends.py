@@ -1,0 +1,196 @@
+"""Backends behind the one Predictor: export, the choice `auto` makes and why, agreement between backends,
+the precision acceptance rule, and a torch-free import of the API and the ONNX Runtime worker path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import dfmod.detector as detector
+from dfmod.detector import ModelNotAvailable, Predictor, choose_backend, read_meta, read_sidecar
+from dfmod.export import MAX_AUC_DROP, MIN_LABEL_AGREEMENT, agreement_figures
+
+
+def _pixels(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 224, 224, 3), dtype=np.uint8)
+
+
+def test_export_writes_the_folded_model_with_its_metadata(exported_checkpoint, checkpoint_path):
+    import onnx
+
+    folder = exported_checkpoint.parent
+    onnx_model = onnx.load(str(folder / "test.onnx"))
+    props = {p.key: p.value for p in onnx_model.metadata_props}
+    assert json.loads(props["dfmod"])["model_version"] == "test-random-0001"
+    assert int(props["dfmod_batchnorm_folded"]) > 40
+    assert not [n for n in onnx_model.graph.node if n.op_type == "BatchNormalization"]
+    (pixels,) = onnx_model.graph.input
+    dims = pixels.type.tensor_type.shape.dim
+    assert pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [224, 224, 3]  # dynamic batch, NHWC
+    sidecar = read_sidecar(folder / "test.int8.onnx")
+    assert sidecar["files"]["onnx-int8"] == "test.int8.onnx" and sidecar["files"]["openvino-int8"] == "test.int8.xml"
+    assert read_meta(folder / "test.onnx") == read_meta(checkpoint_path) == read_meta(folder / "test.int8.xml")
+    for name in ("onnxruntime-int8", "openvino-int8"):
+        figures = sidecar["precisions"][name]
+        assert figures["test_images"] == 48 and set(figures) >= {"roc_auc", "label_agreement", "accepted"}
+    # The int8 graphs really are quantized: ONNX Runtime's has QDQ pairs, OpenVINO's FakeQuantize layers.
+    int8_onnx = onnx.load(str(folder / "test.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in int8_onnx.graph.node)
+    assert "FakeQuantize" in (folder / "test.int8.xml").read_text()
+
+
+def test_every_backend_computes_the_same_probabilities_from_the_same_pixels(exported_checkpoint):
+    pixels = _pixels(5)
+    results = {}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        predictor = Predictor(exported_checkpoint, device="cpu", torch_threads=1, backend=backend, precision="fp32")
+        assert predictor.backend == f"{backend}-fp32"
+        results[backend] = predictor.logits(pixels)
+        assert predictor.predict_pixels(pixels[:1]).shape == (1,)  # dynamic batch
+    np.testing.assert_allclose(results["onnxruntime"], results["torch"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(results["openvino"], results["torch"], rtol=1e-5, atol=1e-4)
+
+
+def test_auto_takes_the_fastest_accepted_backend_and_says_why(exported_checkpoint, monkeypatch):
+    sidecar_file = exported_checkpoint.parent / "test.json"
+    document = json.loads(sidecar_file.read_text())
+    original = sidecar_file.read_text()
+    try:
+        document["precisions"] = {"onnxruntime-int8": {"accepted": True}, "openvino-int8": {"accepted": False}}
+        sidecar_file.write_text(json.dumps(document))
+        monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: False)
+        choice = choose_backend(exported_checkpoint, device="cpu")
+        assert (choice.backend, choice.precision) == ("onnxruntime", "int8")
+        assert choice.reason.startswith("auto") and "openvino-int8: not accepted" in choice.reason
+        # Without the int8 acceptance, fp32 on the fastest installed backend (bf16 needs the CPU's support).
+        document["precisions"] = {}
+        sidecar_file.write_text(json.dumps(document))
+        choice = choose_backend(exported_checkpoint, device="cpu")
+        assert choice.name == "openvino-fp32" and "openvino-bf16: CPU has no avx512_bf16/amx" in choice.reason
+        assert choose_backend(exported_checkpoint, backend="onnxruntime", device="cpu").name == "onnxruntime-fp32"
+        # Asked for explicitly, a precision that was not accepted is still served (with a warning).
+        assert choose_backend(exported_checkpoint, "onnxruntime", "int8", "cpu").name == "onnxruntime-int8"
+        # A backend that is not installed is skipped by auto and refused when asked for.
+        monkeypatch.setattr(detector, "backend_installed", lambda name: name != "openvino")
+        assert choose_backend(exported_checkpoint, device="cpu").name == "onnxruntime-fp32"
+        with pytest.raises(ModelNotAvailable, match="openvino-fp32: not installed"):
+            choose_backend(exported_checkpoint, backend="openvino", precision="fp32", device="cpu")
+    finally:
+        sidecar_file.write_text(original)
+
+
+def test_a_checkpoint_without_exported_files_is_served_by_torch(checkpoint_path):
+    choice = choose_backend(checkpoint_path, device="cpu")
+    assert choice.name == "torch-fp32" and "no exported file" in choice.reason
+    with pytest.raises(ModelNotAvailable, match="dfmod export"):
+        choose_backend(checkpoint_path, backend="onnxruntime", device="cpu")
+
+
+def test_serving_files_of_another_model_version_are_ignored(exported_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "stale"
+    shutil.copytree(exported_checkpoint.parent, folder)
+    sidecar = json.loads((folder / "test.json").read_text())
+    sidecar["meta"]["model_version"] = "an-older-model"
+    (folder / "test.json").write_text(json.dumps(sidecar))
+    assert choose_backend(folder / "test.safetensors", device="cpu").name == "torch-fp32"
+
+
+def test_the_acceptance_rule():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 500)
+    reference = np.clip(labels * 0.6 + rng.normal(0.2, 0.15, labels.size), 0, 1)
+    close = agreement_figures(labels, reference, np.clip(reference + rng.normal(0, 1e-4, labels.size), 0, 1), 0.5)
+    assert close["accepted"] and close["label_agreement"] >= MIN_LABEL_AGREEMENT
+    noisy = agreement_figures(labels, reference, np.clip(reference + rng.normal(0, 0.05, labels.size), 0, 1), 0.5)
+    assert not noisy["accepted"]
+    assert noisy["label_agreement"] < MIN_LABEL_AGREEMENT or noisy["roc_auc_drop"] > MAX_AUC_DROP
+
+
+def _varied_images(count: int = 48) -> list:
+    """Images of several kinds made here: textures, gradients, flat colours, fractals, blurred and sharp."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(11)
+    images = []
+    for index in range(count):
+        kind = index % 4
+        if kind == 0:
+            noise = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+            image = Image.fromarray(noise).resize((224, 224), Image.Resampling.BICUBIC)
+        elif kind == 1:
+            image = Image.merge("RGB", [Image.linear_gradient("L").rotate(int(rng.integers(0, 360)))] * 3)
+        elif kind == 2:
+            image = Image.new("RGB", (224, 224), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        else:
+            zoom = float(rng.uniform(0.5, 2.0))
+            image = Image.effect_mandelbrot((224, 224), (-2 / zoom, -1.5 / zoom, 1 / zoom, 1.5 / zoom), 80).convert("RGB")
+        images.append(image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 2)))))
+    return images
+
+
+def test_the_shipped_reduced_precisions_track_fp32_and_their_recorded_figures_pass_the_rule():
+    """The model card's accepted precisions, checked again: the recorded Test figures meet the rule, and on
+    images this test makes the reduced precision tracks fp32 (labels agree wherever fp32 is not borderline)."""
+    from dfmod.detector import accepted_precisions, default_checkpoint_path, to_pixels
+
+    shipped = default_checkpoint_path()
+    accepted = accepted_precisions(shipped)
+    assert "openvino-int8" in accepted  # what docs/model-card.md says ships
+    meta = read_meta(shipped)
+    pixels = np.stack([to_pixels(image, meta) for image in _varied_images()])
+    for name, figures in accepted.items():
+        assert figures["roc_auc_drop"] <= MAX_AUC_DROP and figures["label_agreement"] >= MIN_LABEL_AGREEMENT
+        assert figures["test_images"] >= 1000
+        backend, precision = name.split("-")
+        if not detector.backend_installed(backend):
+            continue
+        reference = Predictor(shipped, device="cpu", backend=backend, precision="fp32").predict_pixels(pixels)
+        candidate = Predictor(shipped, device="cpu", backend=backend, precision=precision).predict_pixels(pixels)
+        shift = np.abs(candidate - reference)
+        assert shift.mean() < 0.02, (name, shift.mean())
+        # The largest shift on the Test split was 0.147: beyond that from the threshold, a label cannot flip.
+        decided = np.abs(reference - meta.threshold) > figures["max_abs_probability_difference"]
+        assert decided.sum() >= 10
+        agree = (reference >= meta.threshold) == (candidate >= meta.threshold)
+        assert agree[decided].all(), name
+
+
+def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):
+    """A torch-free CPU deployment: torch, timm and torchvision are made unimportable, and nothing needs them."""
+    script = textwrap.dedent(
+        """
+        import sys
+        for name in ("torch", "timm", "torchvision"):
+            sys.modules[name] = None  # `import torch` now raises ImportError, as on a torch-free install
+        import numpy as np
+        from PIL import Image
+        import api.main, dfmod.cli, worker.app, worker.classify, worker.heatmap, dfmod.gradcam
+        from dfmod.settings import Settings
+        from dfmod.detector import Predictor
+        settings = Settings(data_dir=sys.argv[1], metrics_port=None)  # device and backend: auto
+        api.main.create_app(settings)
+        runtime = worker.app.build_runtime(settings)
+        predictor = runtime.classifier.predictor
+        image = Image.new("RGB", (300, 200), (120, 80, 60))
+        _cam, _p, method = dfmod.gradcam.heatmap(predictor, image)
+        loaded = sorted(m for m in ("torch", "timm", "torchvision") if sys.modules.get(m) is not None)
+        print(predictor.backend, method, loaded)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFMOD_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend, method, loaded = result.stdout.split(maxsplit=2)
+    assert backend.startswith(("onnxruntime-", "openvino-")) and method == "occlusion" and loaded.strip() == "[]"
