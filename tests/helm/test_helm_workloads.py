@@ -100,8 +100,8 @@ def test_gpu_count_and_images_follow_values(chart):
 
 def test_pools_are_enabled_independently(chart, rendered):
     names = {d["metadata"]["name"] for d in rendered["default"].of_kind("Deployment")}
-    assert names == {f"{chart.fullname}-api", f"{chart.fullname}-worker-cpu"}
-    gpu_only = chart.render("gpu", {"workers": {"cpu": {"enabled": False}}})
+    assert names == {f"{chart.fullname}-api", f"{chart.fullname}-worker-cpu", f"{chart.fullname}-worker-events"}
+    gpu_only = chart.render("gpu", {"workers": {"cpu": {"enabled": False}, "events": {"enabled": False}}})
     names = {d["metadata"]["name"] for d in gpu_only.of_kind("Deployment")}
     assert names == {f"{chart.fullname}-api", f"{chart.fullname}-worker-gpu"}
 
@@ -129,12 +129,12 @@ def test_pool_settings_reach_the_worker_env(chart):
 
 
 def test_workers_shut_down_gracefully_with_exec_form(chart, rendered):
-    for pool in ("cpu", "gpu"):
+    for pool in ("cpu", "gpu", "events"):
         worker = _deployment(chart, rendered["gpu"], f"worker-{pool}")
         pod = _pod(worker)
         ctr = chart.container(pod)
         # Exec form, no shell: `dfmod worker` is PID 1 and receives SIGTERM (Celery warm shutdown).
-        assert ctr["command"] == ["dfmod"] and ctr["args"] == ["worker"]
+        assert ctr["command"] == ["dfmod"] and ctr["args"][:2] == ["worker", "--queues"] and len(ctr["args"]) == 3
         assert pod["terminationGracePeriodSeconds"] >= 60
         # Liveness is the consuming loop's heartbeat (an exec probe), not /metrics served by its own thread.
         command = ctr["livenessProbe"]["exec"]["command"]
@@ -359,7 +359,7 @@ def test_existing_secret_means_no_secret_and_references_by_name(chart, rendered)
             refs += [src["secretRef"]["name"] for src in ctr.get("envFrom", []) if "secretRef" in src]
     assert refs and set(refs) == {"dfmod-credentials"}
     workloads = {doc["metadata"]["name"] for doc, _ in out.pod_specs() if doc["kind"] != "Pod"}
-    assert workloads == {f"{chart.fullname}-{s}" for s in ("api", "worker-cpu", "worker-gpu", "migrate")}
+    assert workloads == {f"{chart.fullname}-{s}" for s in ("api", "worker-cpu", "worker-gpu", "worker-events", "migrate")}
     for auth in out.of_kind("TriggerAuthentication"):
         assert {ref["name"] for ref in auth["spec"]["secretTargetRef"]} == {"dfmod-credentials"}
     assert out.of_kind("TriggerAuthentication"), "KEDA reads REDIS_PASSWORD from the existing Secret"

@@ -119,6 +119,25 @@ that runs the top-level image unchanged (same repository, no tag or suffix of it
 {{- end -}}
 
 {{/*
+Queues a worker pool consumes, comma-separated, for `dfmod worker --queues`: (dict "root" $ "name" POOL).
+The events pool consumes the events queue only. A classify pool consumes its classify queue only while the
+events pool runs, and the events queue as well when it does not, so callbacks are still delivered.
+*/}}
+{{- define "dfmod.poolQueues" -}}
+{{- $values := .root.Values -}}
+{{- if eq .name "events" -}}
+{{- $values.eventsQueue -}}
+{{- else -}}
+{{- $classify := include "dfmod.poolQueue" (dict "root" .root "pool" (index $values.workers .name)) -}}
+{{- if $values.workers.events.enabled -}}
+{{- $classify -}}
+{{- else -}}
+{{- printf "%s,%s" $classify $values.eventsQueue -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Fail rendering with a clear message when required values are missing or contradict each other.
 Included by the always-rendered ConfigMap.
 */}}
@@ -145,7 +164,13 @@ Included by the always-rendered ConfigMap.
 {{- if and (or $tls.certKey $tls.keyKey) (not (and $tls.certKey $tls.keyKey)) -}}
 {{- fail "dfmod: keda.redis.tls.certKey and keda.redis.tls.keyKey go together (client certificate and its key)" -}}
 {{- end -}}
-{{- range $name := list "cpu" "gpu" -}}
+{{- if .Values.workers.events.queue -}}
+{{- fail "dfmod: workers.events.queue is not used: the events pool consumes eventsQueue (set that instead, the API publishes there)" -}}
+{{- end -}}
+{{- if eq .Values.queue .Values.eventsQueue -}}
+{{- fail "dfmod: eventsQueue must differ from queue (callbacks and heatmaps must not queue behind classification)" -}}
+{{- end -}}
+{{- range $name := list "cpu" "gpu" "events" -}}
 {{- $pool := index $.Values.workers $name -}}
 {{- if and $pool.enabled $pool.autoscaling.enabled (gt (int $pool.autoscaling.minReplicas) (int $pool.autoscaling.maxReplicas)) -}}
 {{- fail (printf "dfmod: workers.%s.autoscaling.minReplicas is above maxReplicas" $name) -}}
@@ -255,6 +280,7 @@ true
 {{- $c := .Values.config -}}
 DFMOD_DATA_DIR: "/var/lib/dfmod"
 DFMOD_QUEUE: {{ .Values.queue | quote }}
+DFMOD_EVENTS_QUEUE: {{ .Values.eventsQueue | quote }}
 DFMOD_S3_REGION: {{ $c.s3Region | quote }}
 DFMOD_S3_ADDRESSING_STYLE: {{ $c.s3AddressingStyle | quote }}
 DFMOD_MAX_UPLOAD_BYTES: {{ $c.maxUploadBytes | int64 | quote }}
