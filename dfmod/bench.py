@@ -47,7 +47,7 @@ from pathlib import Path
 
 import typer
 
-from dfmod.loopback import free_port, moto_server, port_open
+from dfmod.loopback import child_preexec, free_port, moto_server, port_open
 
 
 @dataclass
@@ -163,7 +163,9 @@ class _Process:
     def __init__(self, args: list[str], env: dict, log: Path, ready: bytes | None = None, port: int | None = None) -> None:
         self.log = log
         self.handle = open(log, "ab")
-        self.process = subprocess.Popen(args, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-from dfmod.loopback import free_port, wait_for_port
+from dfmod.loopback import child_preexec, free_port, wait_for_port
 from tests.utils.hostile_inputs import Case, bad_image, encode, generate, textured, worst_case_png
 from tests.utils.images import make_image_bytes
 from tests.utils.processes import REPO_ROOT
@@ -43,6 +43,7 @@ class ApiProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dfmod", "api", "--port", str(self.port), "--log-level", "warning"],
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            preexec_fn=child_preexec(),
         )
         wait_for_port(self.port, timeout=60)
         self.url = f"http://127.0.0.1:{self.port}"

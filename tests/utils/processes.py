@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+from dfmod.loopback import child_preexec
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,7 +26,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
