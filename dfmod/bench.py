@@ -456,7 +456,7 @@ def run_bench(
         if torch_available:
             progress(f"end-to-end with the torch backend: {repeats} x {images} images ...")
             torch_env = {**env, "DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto"}
-            worker = _Process([*cli, "worker", "--loglevel", "INFO"], torch_env, workdir / "workerT.log", ready=b"ready.")
+            worker = _Process([*cli, "worker", "--log-level", "INFO"], torch_env, workdir / "workerT.log", ready=b"ready.")
             try:
                 _drain(settings, factory, celery_app, storage, phase["warmupT"], "warmupT", 120)
                 e2e_torch = statistics.median(drain_runs("e2eT", images))
