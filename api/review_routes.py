@@ -197,7 +197,7 @@ def _decode_budget(request: Request) -> DecodeBudget:
 
 
 @router.get(
-    "/items/{item_id}/heatmap", name="item_heatmap", summary="Grad-CAM heatmap over the image (202 while pending)",
+    "/items/{item_id}/heatmap", name="item_heatmap", summary="Heatmap of where the model looked (Grad-CAM or occlusion map; 202 while pending)",
     responses={200: {"content": {"image/png": {}}}, 202: {}, 403: {}, 404: {}, 409: {}},
 )
 def item_heatmap(

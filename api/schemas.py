@@ -256,7 +256,7 @@ class ItemDetail(ItemSummary):
     verdicts: list[VerdictOut] = Field(default_factory=list, description="One per model version, oldest first.")
     reviews: list[ReviewOut] = Field(default_factory=list, description="Every review, oldest first (append-only).")
     image_url: str = Field(description="Signed link to the full-size image, valid a few minutes.")
-    heatmap_url: str | None = Field(None, description="Signed link to the Grad-CAM heatmap (202 while it is made).")
+    heatmap_url: str | None = Field(None, description="Signed link to the heatmap: Grad-CAM on torch workers, an occlusion map otherwise (202 while it is made).")
 
 
 class ReviewIn(BaseModel):

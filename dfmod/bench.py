@@ -47,7 +47,7 @@ from pathlib import Path
 
 import typer
 
-from dfmod.loopback import free_port, moto_server, port_open
+from dfmod.loopback import child_preexec, free_port, moto_server, port_open
 
 
 @dataclass
@@ -163,7 +163,9 @@ class _Process:
     def __init__(self, args: list[str], env: dict, log: Path, ready: bytes | None = None, port: int | None = None) -> None:
         self.log = log
         self.handle = open(log, "ab")
-        self.process = subprocess.Popen(args, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -454,7 +456,7 @@ def run_bench(
         if torch_available:
             progress(f"end-to-end with the torch backend: {repeats} x {images} images ...")
             torch_env = {**env, "DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto"}
-            worker = _Process([*cli, "worker", "--log-level", "info"], torch_env, workdir / "workerT.log", ready=b"ready.")
+            worker = _Process([*cli, "worker", "--log-level", "INFO"], torch_env, workdir / "workerT.log", ready=b"ready.")
             try:
                 _drain(settings, factory, celery_app, storage, phase["warmupT"], "warmupT", 120)
                 e2e_torch = statistics.median(drain_runs("e2eT", images))

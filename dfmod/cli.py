@@ -490,15 +490,11 @@ def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the kernel sends the child SIGTERM when the process that started it dies, even by SIGKILL."""
-    import ctypes
+def _worker_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Stop with `dfmod up` even if it is killed (SIGKILL included), in a process group of its own."""
+    from dfmod.loopback import die_with_parent
 
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    die_with_parent()
     os.setpgrp()  # a Ctrl-C in the terminal reaches `dfmod up`, which stops the workers in order
 
 
@@ -521,7 +517,7 @@ class WorkerSupervisor:
         with self._lock:
             if self._stopping.is_set():
                 return
-            preexec = _die_with_parent if sys.platform.startswith("linux") else None
+            preexec = _worker_preexec if sys.platform.startswith("linux") else None
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dfmod", "worker", *self.args, "--hostname", f"{self.name}-{os.getpid()}@%h"],
                 env=self.env, preexec_fn=preexec,

@@ -1,11 +1,13 @@
-"""Loopback helpers for running dfmod's collaborators locally: free ports, readiness waits, a moto S3 server.
+"""Loopback helpers for running dfmod's collaborators locally: free ports, readiness waits, a moto S3 server,
+and children that stop with their parent.
 
-Used by ``dfmod bench`` and by the test fixtures, which both start real servers on 127.0.0.1.
+Used by ``dfmod up``, ``dfmod bench`` and the test fixtures, which all start real servers on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +15,26 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """``preexec_fn`` for children that must not outlive their parent, even one killed by SIGKILL.
+
+    Linux only (``PR_SET_PDEATHSIG``): the kernel sends the child SIGTERM when the thread that started it
+    dies. Elsewhere it does nothing, and the parent's own clean-up is all there is.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_preexec():
+    """The ``preexec_fn`` to pass to ``subprocess.Popen`` for a child that stops with its parent."""
+    return die_with_parent if sys.platform.startswith("linux") else None
 
 
 def free_port() -> int:
@@ -46,7 +68,8 @@ def moto_server() -> Iterator[str]:
         raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
     process = subprocess.Popen(
-        [executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=child_preexec(),
     )
     try:
         wait_for_port(port)

@@ -94,7 +94,7 @@ def validate_key(key: str) -> str:
 
 
 def heatmap_key(item_id: str, model_version: str) -> str:
-    """Where the Grad-CAM heatmap of an item under a model version is cached (in the upload bucket)."""
+    """Where the heatmap (Grad-CAM or occlusion map) of an item under a model version is cached (in the upload bucket)."""
     # Model versions are free text; keep the object key a plain, valid file name.
     safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", model_version).strip(".") or "model"
     return f"heatmaps/{item_id}/{safe_version}.png"

@@ -6,10 +6,7 @@ under the memory budget (printed)."""
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,10 +17,9 @@ import pytest
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
-from dfmod.loopback import free_port, wait_for_port
 from tests.utils.hostile_inputs import Case, bad_image, encode, generate, textured, worst_case_png
 from tests.utils.images import make_image_bytes
-from tests.utils.processes import REPO_ROOT
+from tests.utils.processes import ApiProcess
 from tests.utils.records import bearer
 
 pytestmark = pytest.mark.integration
@@ -33,29 +29,6 @@ CASES = 1100
 # The chart's worker memory limit is 3 GiB; the worker must stay well inside it with room for the model.
 WORKER_RSS_BUDGET_MB = 2560
 OVERSIZED = {"event:big_body", "upload-raw:huge_declared"}
-
-
-class ApiProcess:
-    def __init__(self, env: dict, log_path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dfmod", "api", "--port", str(self.port), "--log-level", "warning"],
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-        )
-        wait_for_port(self.port, timeout=60)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 class PeakRss:

@@ -1,4 +1,4 @@
-"""Tenants kept apart, on the real app over real Postgres, Redis and an S3 server.
+"""Tenants kept apart, on a real ``dfmod api`` process over real Postgres, Redis and an S3 server.
 
 The access matrix: two tenants (A and B) x {A's ingest key, A's review key limited to A, a global review key,
 an admin key} x every endpoint, against an item of A and an item of B; each answer is exactly the one the
@@ -12,17 +12,17 @@ import uuid
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from api.auth import signed_link
-from api.main import create_app
 from dfmod import tenants
 from dfmod.callbacks import EVENT_VERDICT, SIGNATURE_HEADER, deliver, verify_signature
 from dfmod.db import ApiKey, Item, Review, make_engine, make_session_factory, session_scope
 from tests.utils.images import make_image_bytes
+from tests.utils.processes import ApiProcess
 from tests.utils.records import bearer, seed_items
 
 pytestmark = pytest.mark.integration
@@ -31,11 +31,12 @@ CALLERS = ("ingest_a", "review_a", "review_all", "admin")
 
 
 @pytest.fixture
-def world(integration_settings, make_api_key, s3_buckets, callback_receiver):
+def world(integration_settings, integration_env, make_api_key, s3_buckets, callback_receiver, tmp_path):
     """Tenants A and B, each with a bucket, an object, a classified item, a callback receiver and keys."""
     s3, (upload_bucket, _extra) = s3_buckets
     suffix = uuid.uuid4().hex[:8]
-    settings = integration_settings.model_copy(update={"secret_key": SecretStr(tenants.generate_secret_key())})
+    secret_key = tenants.generate_secret_key()
+    settings = integration_settings.model_copy(update={"secret_key": SecretStr(secret_key)})
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
     receivers = {"a": callback_receiver(), "b": callback_receiver()}
@@ -60,12 +61,14 @@ def world(integration_settings, make_api_key, s3_buckets, callback_receiver):
         "review_all": make_api_key("review", name="reviewer-all"),
         "admin": make_api_key("admin", name="the-admin"),
     }
-    with TestClient(create_app(settings)) as client:
+    api = ApiProcess({**integration_env, "DFMOD_SECRET_KEY": secret_key}, tmp_path / "api.log")
+    with httpx.Client(base_url=api.url, follow_redirects=True, timeout=60) as client:
         yield {
             "client": client, "settings": settings, "factory": factory, "keys": keys, "ids": ids, "made": made,
             "buckets": buckets, "receivers": receivers,
             "upload_bucket": upload_bucket,
         }
+    api.stop()
     engine.dispose()
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests.utils.processes import REPO_ROOT
 
 
+@pytest.mark.timeout(900)  # the bench's own limit (600 s) must fire first, so it can stop what it started
 def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exported_checkpoint):
     env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
         "DFMOD_CHECKPOINT": str(exported_checkpoint),
@@ -59,6 +60,7 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     )
 
 
+@pytest.mark.timeout(900)
 def test_worker_only_bench_drives_the_batch_classifier_from_local_storage(exported_checkpoint, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
         "DFMOD_CHECKPOINT": str(exported_checkpoint), "DFMOD_TORCH_THREADS": "1", "DFMOD_BATCH_SIZE": "8",

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from dfmod.loopback import free_port, wait_for_port
+from dfmod.loopback import child_preexec, free_port, wait_for_port
 from tests.utils.images import make_image_bytes
 from tests.utils.processes import REPO_ROOT
 
@@ -26,7 +26,7 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
     log = open(tmp_path / "up.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "dfmod", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=child_preexec(),
     )
     try:
         wait_for_port(port, timeout=90)
@@ -73,7 +73,7 @@ def test_dfmod_up_restarts_a_crashed_worker_and_its_workers_die_with_it(tmp_path
     log = open(tmp_path / "up.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "dfmod", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=child_preexec(),
     )
     workers: list = []
     try:

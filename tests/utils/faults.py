@@ -22,7 +22,7 @@ import time
 from glob import glob
 from pathlib import Path
 
-from dfmod.loopback import free_port, wait_for_port
+from dfmod.loopback import child_preexec, free_port, wait_for_port
 
 
 class TcpProxy:
@@ -135,7 +135,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec(),
         )
         wait_for_port(self.port, timeout=10)
 
@@ -198,7 +198,8 @@ class StallableS3:
             raise RuntimeError("moto_server is not installed")
         self.port = free_port()
         self.process = subprocess.Popen(
-            [executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=child_preexec(),
         )
         wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+from dfmod.loopback import child_preexec, free_port, wait_for_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,7 +26,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -46,3 +48,29 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class ApiProcess:
+    """A real ``dfmod api`` subprocess on a free loopback port; ``url`` is its base URL."""
+
+    def __init__(self, env: dict, log_path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dfmod", "api", "--port", str(self.port), "--log-level", "warning"],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            preexec_fn=child_preexec(),
+        )
+        wait_for_port(self.port, timeout=60)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.lifecycle import NewItem, enqueue_items, record_items
+from dfmod.loopback import child_preexec
 from dfmod.queue import make_celery
 from dfmod.queue_depth import UNACKED_KEY
 from tests.utils.images import make_image_bytes
@@ -38,6 +39,7 @@ class SlowBatchWorker(WorkerProcess):
         self.process = subprocess.Popen(
             [sys.executable, str(SLOW_WORKER), "--hostname", f"slow-{uuid.uuid4().hex[:6]}@%h"],
             env={**self.env, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
