@@ -22,11 +22,15 @@ class WorkerProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        """The command line; subclasses run a variant of the worker (e.g. one with slow batches)."""
+        return [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"]
+
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dfmod", "worker", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, preexec_fn=child_preexec(),
+            self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 
 from dfmod.db import make_engine, make_session_factory, session_scope
 from dfmod.lifecycle import NewItem, enqueue_items, record_items
-from dfmod.loopback import child_preexec
 from dfmod.queue import make_celery
 from dfmod.queue_depth import UNACKED_KEY
 from tests.utils.images import make_image_bytes
@@ -34,21 +33,11 @@ SLOW_WORKER = Path(__file__).with_name("slow_batch_worker.py")
 class SlowBatchWorker(WorkerProcess):
     """A real worker process whose batches each last ``DFMOD_TEST_SLOW_BATCH_S`` seconds longer."""
 
-    def start(self) -> SlowBatchWorker:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, str(SLOW_WORKER), "--hostname", f"slow-{uuid.uuid4().hex[:6]}@%h"],
-            env={**self.env, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            preexec_fn=child_preexec(),
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited at start:\n{self.log()}")
-            if b" ready." in self.log_path.read_bytes():
-                return self
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready:\n{self.log()}")
+    def __init__(self, env: dict, log_path: Path) -> None:
+        super().__init__({**env, "PYTHONPATH": str(REPO_ROOT)}, log_path)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(SLOW_WORKER), "--hostname", f"slow-{uuid.uuid4().hex[:6]}@%h"]
 
 
 @pytest.fixture
