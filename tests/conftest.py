@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from dfmod.loopback import free_port, moto_server
+from tests.utils.databases import POSTGRES_ADMIN_URL
 from tests.utils.processes import WorkerProcess
 from tests.utils.receivers import CallbackReceiver
 
-POSTGRES_ADMIN_URL = os.environ.get("DFMOD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST_URL = os.environ.get("DFMOD_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_TEST_DB = int(os.environ.get("DFMOD_TEST_REDIS_DB", "11"))
 

@@ -5,19 +5,17 @@ release's migration ran (database ahead of their code), and pods of a new releas
 from __future__ import annotations
 
 import shutil
-import uuid
 from importlib import resources
 
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from api.main import create_app
 from dfmod import migrate
 from dfmod.migrate import SchemaState, schema_state
 from dfmod.settings import Settings
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.utils.databases import scratch_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +41,8 @@ def downgrade() -> None:
 
 @pytest.fixture
 def database_url():
-    name = f"dfmod_ready_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_postgres_database("dfmod_ready") as url:
+        yield url
 
 
 @pytest.fixture

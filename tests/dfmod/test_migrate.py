@@ -3,8 +3,6 @@ backfills their review columns), matches the models exactly, and downgrades clea
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -14,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from dfmod import migrate
 from dfmod.db import Base, make_engine
 from dfmod.settings import Settings
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.utils.databases import scratch_postgres_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,14 +20,8 @@ def empty_database(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/m.db"
         return
-    name = f"dfmod_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_postgres_database("dfmod_mig") as url:
+        yield url
 
 
 def _insert_0001_rows(url: str) -> None:
