@@ -117,6 +117,7 @@ def test_sign_in_claim_decide_undo_and_see_it_persisted(
     page.fill("#note", "a real photo, odd lighting")
     page.click("#d-real")  # one-click decision on the second
     expect(page.locator("#status")).to_contain_text("overturned_real recorded")
+    expect(page.locator("#facts")).to_contain_text(ids[2])  # moved on: the third item is open before u is pressed
     assert _item_state(integration_settings, ids[1])[0] == "overturned_real"
 
     # Undo acts on the open item: the third is open and undecided, so u first brings back the second (the
