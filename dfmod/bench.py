@@ -518,8 +518,16 @@ class WorkerOnlyResult:
     phases_ms_per_image: dict
 
 
-def run_worker_only(images: int, images_from: Path | None, profile: Path | None = None, progress=print) -> WorkerOnlyResult:
-    """Drive the BatchClassifier in this process from local storage and SQLite: the worker's data path alone."""
+def run_worker_only(
+    images: int, images_from: Path | None, profile: Path | None = None, progress=print, services: bool = False,
+) -> WorkerOnlyResult:
+    """Drive the BatchClassifier in this process: the worker's data path alone, without Celery.
+
+    By default from local storage and SQLite. With ``services`` the items live where a deployment keeps
+    them: the configured database (``DFMOD_DATABASE_URL``, e.g. Postgres) and S3 (the configured endpoint, else
+    a ``moto_server`` started here), so the S3 client's and the database driver's CPU are in the figure and
+    in the profile, and only the broker is left out.
+    """
     import cProfile
 
     from dfmod import migrate
@@ -531,17 +539,34 @@ def run_worker_only(images: int, images_from: Path | None, profile: Path | None 
     from worker.classify import BatchClassifier
 
     base = Settings()
-    with tempfile.TemporaryDirectory(prefix="dfmod-bench-worker-") as scratch:
-        workdir = Path(scratch)
-        settings = Settings(**{
-            **base.model_dump(), "data_dir": workdir, "database_url": f"sqlite:///{workdir}/bench.db",
-            "storage_url": str(workdir / "objects"), "metrics_port": None, "callback_url": None, "callback_urls": {},
-        })
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dfmod-bench-worker-")))
+        overrides: dict = {
+            "data_dir": workdir, "database_url": f"sqlite:///{workdir}/bench.db", "storage_url": str(workdir / "objects"),
+            "metrics_port": None, "callback_url": None, "callback_urls": {},
+        }
+        if services:
+            if base.database_url:
+                del overrides["database_url"]
+            if base.storage_is_s3:
+                del overrides["storage_url"]
+            else:
+                endpoint = stack.enter_context(moto_server())
+                overrides.update(
+                    storage_url=f"s3://bench-{uuid.uuid4().hex[:6]}", s3_endpoint_url=endpoint,
+                    s3_access_key_id="bench", s3_secret_access_key="bench",
+                )
+        settings = Settings(**{**base.model_dump(), **overrides})
         migrate.upgrade(settings)
         storage = make_storage(settings)
+        if services and not base.storage_is_s3:
+            storage.client.create_bucket(Bucket=settings.upload_bucket)
         factory = make_session_factory(make_engine(settings.resolved_database_url))
-        pool = folder_jpegs(images_from, images + 64) if images_from else synthetic_jpegs(images + 64, seed=1)
-        keys = [f"w/{index:06d}.jpg" for index in range(len(pool))]
+        # Fresh bytes each run: a shared database may hold verdicts of earlier runs' images (reuse skips the model).
+        seed = uuid.uuid4().int % 2**32 if services else 1
+        pool = folder_jpegs(images_from, images + 64) if images_from else synthetic_jpegs(images + 64, seed=seed)
+        prefix = f"w{uuid.uuid4().hex[:8]}"
+        keys = [f"{prefix}/{index:06d}.jpg" for index in range(len(pool))]
         for key, data in zip(keys, pool, strict=True):
             storage.put(settings.upload_bucket, key, data, "image/jpeg")
         with session_scope(factory) as session:
@@ -599,11 +624,15 @@ def bench_command(
         help="Only drive the BatchClassifier in-process from local storage and SQLite (no broker, no S3 server).",
     ),
     profile: Path | None = typer.Option(None, help="With --worker-only: write cProfile stats of the timed run here."),
+    services: bool = typer.Option(
+        False, "--services",
+        help="With --worker-only: the configured database and S3 (else a moto_server started here) instead of SQLite and a folder.",
+    ),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print
     if worker_only:
-        outcome = run_worker_only(images, images_from, profile, progress=say)
+        outcome = run_worker_only(images, images_from, profile, progress=say, services=services)
         if as_json:
             print(json.dumps(outcome.__dict__, sort_keys=True))
         else:

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
         "path", description="Path-style suits MinIO and most self-hosted endpoints."
     )
+    s3_reader: Literal["auto", "obstore", "boto3"] = Field(
+        "auto",
+        description="Client for object reads (the worker's fetches): obstore (Rust, about a fifth of botocore's CPU per "
+        "GET) where installed, else boto3; writes and metadata always go through boto3.",
+    )
 
     # --- API ---------------------------------------------------------------------------------------
     s3_event_token: SecretStr | None = Field(

@@ -55,9 +55,11 @@ def _s3_settings(endpoint: str, bucket: str, extra: str = "", **kw) -> Settings:
     )
 
 
-def test_s3_storage_against_a_real_s3_server(s3_endpoint, s3_buckets):
+@pytest.mark.parametrize("reader", ["obstore", "boto3"])
+def test_s3_storage_against_a_real_s3_server(s3_endpoint, s3_buckets, reader):
     client, (upload, extra) = s3_buckets
-    storage = S3Storage(_s3_settings(s3_endpoint, upload, extra))
+    storage = S3Storage(_s3_settings(s3_endpoint, upload, extra, s3_reader=reader))
+    assert (storage.reader is not None) == (reader == "obstore")
     info = storage.put(upload, "dir/x y.jpg", b"abc", content_type="image/jpeg")
     assert info.etag
     assert storage.head(upload, "dir/x y.jpg").size == 3
@@ -72,11 +74,14 @@ def test_s3_storage_against_a_real_s3_server(s3_endpoint, s3_buckets):
     storage.check()
 
 
-def test_s3_storage_unreachable_endpoint_is_transient():
+@pytest.mark.parametrize("reader", ["obstore", "boto3"])
+def test_s3_storage_unreachable_endpoint_is_transient(reader):
     from dfmod.loopback import free_port
 
     storage = S3Storage(
-        _s3_settings(f"http://127.0.0.1:{free_port()}", "b", s3_max_attempts=1, s3_connect_timeout_s=0.5)
+        _s3_settings(
+            f"http://127.0.0.1:{free_port()}", "b", s3_max_attempts=1, s3_connect_timeout_s=0.5, s3_reader=reader
+        )
     )
     with pytest.raises(StorageUnavailable):
         storage.get("b", "k.jpg", max_bytes=10)
@@ -94,3 +99,29 @@ def test_a_path_segment_of_255_bytes_is_still_a_valid_key():
     from dfmod.storage import validate_key
 
     assert validate_key("a/" + "x" * 251 + ".jpg")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["a b.jpg", "a+b.jpg", "100%.jpg", "ünï/cödé.jpg", "q?x.jpg", "h#x.jpg", "a%2Fb.jpg", "tab\tx.jpg", "ctl\x01x.jpg",
+     "emoji😀.jpg", "{}[]^`|<>\".jpg"],
+)
+def test_obstore_reads_every_key_boto3_writes(s3_endpoint, s3_buckets, key):
+    """Keys object_store's paths refuse (control characters) are read through boto3 instead of failing."""
+    _, (upload, extra) = s3_buckets
+    storage = S3Storage(_s3_settings(s3_endpoint, upload, extra, s3_reader="obstore"))
+    storage.put(upload, key, key.encode())
+    assert storage.get(upload, key, max_bytes=100) == key.encode()
+
+
+def test_obstore_reader_missing_bucket_and_credentials_chain(s3_endpoint, s3_buckets, monkeypatch):
+    """Without keys in the settings the reader takes boto3's credential chain (here: the environment)."""
+    _, (upload, extra) = s3_buckets
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    storage = S3Storage(Settings(storage_url=f"s3://{upload}", allowed_buckets="gone-bucket", s3_endpoint_url=s3_endpoint,
+                                 s3_reader="obstore"))
+    storage.put(upload, "env.jpg", b"xyz")
+    assert storage.get(upload, "env.jpg", max_bytes=3) == b"xyz"
+    with pytest.raises(BucketNotAllowed):
+        storage.get("gone-bucket", "k.jpg", max_bytes=10)
