@@ -51,6 +51,17 @@ QueryTime = Annotated[datetime, AfterValidator(_utc_instant)]
 """An ISO 8601 time for filters, normalised to UTC."""
 
 
+class FaceOut(BaseModel):
+    """A face the face stage found: its box in pixels of the image as uploaded (EXIF orientation applied)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    detector_score: float
+    fake_probability: float
+
+
 class VerdictOut(BaseModel):
     label: str
     fake_probability: float
@@ -61,13 +72,25 @@ class VerdictOut(BaseModel):
     device: str | None = None
     reused_from: str | None = None
     created_at: datetime
+    faces: list[FaceOut] | None = Field(
+        None, description="Face stage: every face found, most confident first; the verdict is the most-fake one's. "
+        "Null for a verdict on the whole image.",
+    )
 
     @classmethod
     def of(cls, verdict: Verdict) -> VerdictOut:
+        faces = None
+        if verdict.model_version.endswith("+faces"):
+            faces = [
+                FaceOut(x0=f.x0, y0=f.y0, x1=f.x1, y1=f.y1, detector_score=f.detector_score,
+                        fake_probability=f.fake_probability)
+                for f in verdict.item.faces
+                if f.model_version == verdict.model_version
+            ]
         return cls(
             label=verdict.label, fake_probability=verdict.fake_probability, threshold=verdict.threshold,
             model_version=verdict.model_version, inference_ms=verdict.inference_ms, batch_size=verdict.batch_size,
-            device=verdict.device, reused_from=verdict.reused_from_item_id, created_at=verdict.created_at,
+            device=verdict.device, reused_from=verdict.reused_from_item_id, created_at=verdict.created_at, faces=faces,
         )
 
 

@@ -81,6 +81,9 @@ class BenchResult:
     model_only_batch1_by_backend: dict = field(default_factory=dict)
     #: The end-to-end drain repeated with a torch worker (null where torch is not installed).
     end_to_end_torch_img_s: float | None = None
+    #: The end-to-end drain with the face stage on (MTCNN, then every face classified; null without the faces extra).
+    end_to_end_faces_img_s: float | None = None
+    face_stage_images: int = 0
     #: Worker CPU per image outside the forward pass, in the batched end-to-end runs.
     worker_non_model_cpu_ms: float | None = None
 
@@ -411,6 +414,11 @@ def run_bench(
         sizes |= {f"unbatched{run}": unbatched_images for run in range(repeats)}
         if torch_available:
             sizes |= {"warmupT": 8} | {f"e2eT{run}": images for run in range(repeats)}
+        # The face stage (MTCNN before the classifier) is several times slower: a quarter of the images.
+        face_images = max(8, images // 4)
+        faces_available = importlib.util.find_spec("facenet_pytorch") is not None
+        if faces_available:
+            sizes |= {"warmupF": 8} | {f"e2eF{run}": face_images for run in range(repeats)}
         needed = sum(sizes.values())
         if images_from:
             pool = folder_jpegs(images_from, needed)
@@ -463,6 +471,17 @@ def run_bench(
             finally:
                 worker.stop()
 
+        e2e_faces = None
+        if faces_available:
+            progress(f"end-to-end with the face stage: {repeats} x {face_images} images ...")
+            faces_env = {**env, "DFMOD_FACE_STAGE": "true"}
+            worker = _Process([*cli, "worker", "--log-level", "info"], faces_env, workdir / "workerF.log", ready=b"ready.")
+            try:
+                _drain(settings, factory, celery_app, storage, phase["warmupF"], "warmupF", 300)
+                e2e_faces = statistics.median(drain_runs("e2eF", face_images))
+            finally:
+                worker.stop()
+
         progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
         unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
         worker = _Process([*cli, "worker", "--log-level", "info"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
@@ -488,6 +507,7 @@ def run_bench(
         model_only_by_backend={k: round(v, 2) for k, v in model["by_backend"].items()},
         model_only_batch1_by_backend={k: round(v, 2) for k, v in model["batch1_by_backend"].items()},
         end_to_end_torch_img_s=round(e2e_torch, 2) if e2e_torch else None,
+        end_to_end_faces_img_s=round(e2e_faces, 2) if e2e_faces else None, face_stage_images=face_images,
         worker_non_model_cpu_ms=round(e2e_cpu_ms["worker"] - model_cpu_ms, 2) if "worker" in e2e_cpu_ms else None,
     )
 
@@ -678,6 +698,12 @@ def bench_command(
         table.add_row(
             "end-to-end (torch backend)", f"{result.end_to_end_torch_img_s:.1f} img/s",
             f"same drains with DFMOD_BACKEND=torch; default is {result.end_to_end_img_s / result.end_to_end_torch_img_s:.2f}x",
+        )
+    if result.end_to_end_faces_img_s:
+        table.add_row(
+            "end-to-end (face stage)", f"{result.end_to_end_faces_img_s:.1f} img/s",
+            f"DFMOD_FACE_STAGE=true, {result.face_stage_images} images a drain: MTCNN, then each face classified; "
+            f"{result.end_to_end_img_s / result.end_to_end_faces_img_s:.1f}x slower than without",
         )
     table.add_row(
         "end-to-end (unbatched)", f"{result.unbatched_img_s:.1f} img/s",

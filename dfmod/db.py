@@ -211,6 +211,8 @@ class Item(Base):
     reviews: Mapped[list[Review]] = relationship(
         back_populates="item", order_by="Review.id", cascade="all, delete-orphan"
     )
+    # Face stage: every face of every model version (read-only here; the worker inserts them in bulk).
+    faces: Mapped[list[VerdictFace]] = relationship(viewonly=True, order_by="VerdictFace.face_index")
 
 
 class Verdict(Base):

@@ -124,6 +124,20 @@ class FaceFinder:
         return FaceResult(faces[: self.max_faces])
 
 
+def scale_face(face: Face, frame: tuple[int, int], to: tuple[int, int]) -> Face:
+    """``face`` found in an image of size ``frame``, in the pixels of the same image at size ``to`` (the decoder
+    may have downscaled the photo before detection)."""
+    if frame == to:
+        return face
+    sx, sy = to[0] / frame[0], to[1] / frame[1]
+
+    def scaled(box):
+        x0, y0, x1, y1 = box
+        return (int(x0 * sx), int(y0 * sy), min(to[0], int(round(x1 * sx))), min(to[1], int(round(y1 * sy))))
+
+    return Face(scaled(face.box), scaled(face.crop_box), face.score)
+
+
 def face_crops(image: Image.Image, result: FaceResult) -> list[Image.Image]:
     """The square crop of every face, in the order of ``result.faces``."""
     rgb = image.convert("RGB")

@@ -212,6 +212,21 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     return image
 
 
+# EXIF orientations that turn the picture by 90 degrees (width and height swap when displayed).
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), from its header alone.
+
+    Only for bytes that :func:`decode_image` already accepted."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+            return height, width
+        return width, height
+
+
 def probe_image(data: bytes, limits: ImageLimits) -> ProbeResult:
     """Read only the header: format and size. Cheap enough for the API to call on every upload."""
     with _open(data, limits) as image:

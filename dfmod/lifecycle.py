@@ -330,6 +330,7 @@ class ReusableVerdict:
     inference_ms: float | None
     batch_size: int | None
     device: str | None
+    label: str = ""
 
 
 def find_reusable_verdicts(session: Session, model_version: str, shas: set[str]) -> dict[str, list[ReusableVerdict]]:
@@ -339,7 +340,7 @@ def find_reusable_verdicts(session: Session, model_version: str, shas: set[str])
     rows = session.execute(
         select(
             Verdict.sha256, Verdict.fake_probability, Verdict.item_id, Item.tenant_id, Verdict.inference_ms,
-            Verdict.batch_size, Verdict.device,
+            Verdict.batch_size, Verdict.device, Verdict.label,
         )
         .join(Item, Item.id == Verdict.item_id)
         .where(Verdict.model_version == model_version, Verdict.sha256.in_(shas))

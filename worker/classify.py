@@ -40,8 +40,8 @@ from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
 from dfmod.detector import Predictor, load_pixels, to_pixels
-from dfmod.faces import NO_FACE, face_crops
-from dfmod.imaging import DecodeBudget, ImageRejected, decode_image
+from dfmod.faces import NO_FACE, face_crops, scale_face
+from dfmod.imaging import DecodeBudget, ImageRejected, decode_image, oriented_size
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
 from dfmod.settings import Settings
@@ -116,6 +116,8 @@ class BatchClassifier:
             self.face_finder = FaceFinder(detect_side=settings.face_detect_side, min_score=settings.face_min_score)
         # Scores of whole images and of their faces differ: they are never reused for one another.
         self.model_version = predictor.model_version + ("+faces" if self.face_finder else "")
+        if self.face_finder:
+            logger.info("face stage on: %s; verdicts under %s", self.face_finder.description, self.model_version)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
         # Sixteen fetch threads may all hold worst-case images at once; the budget bounds what they decode.
         self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
@@ -246,6 +248,8 @@ class BatchClassifier:
             own = [verdict for verdict in candidates if verdict.tenant_id == outcome.item.tenant_id]
             source = (own or candidates)[0]
             outcome.fake_probability = source.fake_probability
+            if source.label == NO_FACE:
+                outcome.faces = []  # the same bytes had no face: still no_face, not "real" by its score of 0
             if own:
                 outcome.reused_from = source.item_id
             else:
@@ -281,7 +285,9 @@ class BatchClassifier:
                 side = self.settings.face_detect_side
                 image = decode_image(data, self.limits, target=(side, side), budget=self.decode_budget)
                 found = self.face_finder.find(image)
-                faces = found.faces
+                # Boxes are kept in the pixels of the image as uploaded (orientation applied), which is what
+                # the review page draws on; the crops come from the decoded copy.
+                faces = [scale_face(face, image.size, oriented_size(data)) for face in found.faces]
                 crops = [to_pixels(crop, self.predictor.meta) for crop in face_crops(image, found)]
                 width, height = self.predictor.meta.image_size
                 array = np.stack(crops) if crops else np.zeros((0, height, width, 3), dtype=np.uint8)

@@ -212,3 +212,55 @@ def test_undo_retracts_the_open_item_and_twins_and_heatmap_text_stay_put(
     page.wait_for_timeout(2500)  # two more polling rounds of the old item
     expect(page.locator("#status")).not_to_contain_text("heatmap")
     assert errors == []
+
+
+def test_face_boxes_are_drawn_where_the_faces_are(server, browser_page, integration_settings, s3_buckets, make_api_key):
+    """A face-stage verdict's boxes (pixels of the uploaded image) land on the same spots of the displayed
+    image, whatever size the page shows it at; the flagged face is marked as such, and an item without faces
+    shows no box."""
+    from playwright.sync_api import expect
+
+    from dfmod.db import VerdictFace
+
+    page, errors = browser_page
+    s3, (bucket, _extra) = s3_buckets
+    s3.put_object(Bucket=bucket, Key="faces/group.jpg", Body=make_image_bytes(size=(2000, 1000), color=(90, 90, 90)))
+    s3.put_object(Bucket=bucket, Key="faces/plain.jpg", Body=make_image_bytes(size=(400, 300), color=(20, 90, 30)))
+    version = "m1+faces"
+    ids = seed_items(integration_settings, [
+        {"score": 0.91, "key": "faces/group.jpg", "model_version": version},
+        {"score": 0.85, "key": "faces/plain.jpg"},
+    ])
+    boxes = [(200, 100, 600, 500, 0.99, 0.91), (1400, 500, 1600, 700, 0.95, 0.12)]
+    engine = make_engine(integration_settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        session.add_all(
+            VerdictFace(item_id=ids[0], model_version=version, face_index=index, x0=x0, y0=y0, x1=x1, y1=y1,
+                        detector_score=det, fake_probability=p)
+            for index, (x0, y0, x1, y1, det, p) in enumerate(boxes)
+        )
+    engine.dispose()
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{server}/review")
+    page.fill("#key-input", make_api_key("review", name="faces"))
+    page.click("#signin-button")
+    expect(page.locator("#facts")).to_contain_text(ids[0])
+    faces = page.locator("#faces .face")
+    expect(faces).to_have_count(2)
+    expect(faces.nth(0)).to_have_class("face flagged")
+    expect(faces.nth(1)).to_have_class("face")
+    expect(faces.nth(0)).to_contain_text("0.910")
+    image = page.locator("#full").bounding_box()
+    assert image["width"] < 2000  # shown scaled down: the boxes must follow
+    scale = image["width"] / 2000
+    for index, (x0, y0, x1, y1, _det, _p) in enumerate(boxes):
+        drawn = faces.nth(index).bounding_box()
+        assert abs(drawn["x"] - (image["x"] + x0 * scale)) < 2
+        assert abs(drawn["y"] - (image["y"] + y0 * scale)) < 2
+        assert abs(drawn["width"] - (x1 - x0) * scale) < 2
+        assert abs(drawn["height"] - (y1 - y0) * scale) < 2
+    page.keyboard.press("j")
+    expect(page.locator("#facts")).to_contain_text(ids[1])
+    page.wait_for_function("() => document.querySelector('#full').naturalWidth === 400")
+    expect(page.locator("#faces .face")).to_have_count(0)
+    assert not errors

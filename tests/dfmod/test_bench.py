@@ -55,20 +55,25 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     assert all(value > 0 for value in result["model_only_by_backend"].values())
     assert result["end_to_end_torch_img_s"] > 0
     assert "backend torch-fp32" in (tmp_path / "logs" / "workerT.log").read_text()
+    # The face stage was drained too, by a worker that really ran it (its model version says so).
+    assert result["face_stage_images"] == 8 and result["end_to_end_faces_img_s"] > 0
+    assert "+faces" in (tmp_path / "logs" / "workerF.log").read_text()
     assert result["worker_non_model_cpu_ms"] == pytest.approx(
         result["end_to_end_cpu_ms"]["worker"] - result["model_cpu_ms"], abs=0.02
     )
 
 
 @pytest.mark.timeout(900)
-def test_worker_only_bench_drives_the_batch_classifier_from_local_storage(exported_checkpoint, tmp_path):
+@pytest.mark.parametrize("services", [False, True], ids=["local", "services"])
+def test_worker_only_bench_drives_the_batch_classifier_from_local_storage(exported_checkpoint, tmp_path, services):
+    """Local storage and SQLite by default; with --services an S3 server (moto_server, started by the bench)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
         "DFMOD_CHECKPOINT": str(exported_checkpoint), "DFMOD_TORCH_THREADS": "1", "DFMOD_BATCH_SIZE": "8",
         "DFMOD_BACKEND": "onnxruntime", "DFMOD_PRECISION": "fp32",
     }
     completed = subprocess.run(
         [sys.executable, "-m", "dfmod", "bench", "--worker-only", "--json", "--images", "32",
-         "--profile", str(tmp_path / "worker.prof")],
+         "--profile", str(tmp_path / "worker.prof"), *(["--services"] if services else [])],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

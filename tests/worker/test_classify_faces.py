@@ -82,3 +82,33 @@ def test_faces_of_a_batch_are_classified_together_and_a_faceless_photo_is_no_fac
     face_classifier.run(list(ids.values()))
     with session_scope(face_classifier.session_factory) as session:
         assert len(session.scalars(select(VerdictFace)).all()) == len(faces)
+
+
+def test_boxes_are_in_pixels_of_the_uploaded_photo_and_identical_faceless_bytes_stay_no_face(face_classifier,
+                                                                                             s3_buckets):
+    """A photo large enough for the JPEG decoder to halve it before detection still gets its face's box in
+    the uploaded image's pixels (what the review page draws on). The same face-free bytes sent again reuse
+    the verdict and stay ``no_face`` rather than becoming "real" by their score of 0."""
+    from PIL import Image
+
+    sample = scan_labelled_folder(FACES_TEST, limit_per_class=1, seed=5)[0]
+    canvas = background(random.Random(5), (4096, 3072))
+    placed = (1500, 900, 2300, 1700)
+    with Image.open(sample.path) as crop:
+        canvas.paste(crop.convert("RGB").resize((800, 800)), placed[:2])
+    landscape = _jpeg(background(random.Random(12), (1600, 1200)))
+    ids = _put_and_record(face_classifier, s3_buckets, {"big.jpg": _jpeg(canvas), "empty-1.jpg": landscape})
+    face_classifier.run(list(ids.values()))
+    again = _put_and_record(face_classifier, s3_buckets, {"empty-2.jpg": landscape})
+    report = face_classifier.run(list(again.values()))
+    assert report.reused == 1
+
+    with session_scope(face_classifier.session_factory) as session:
+        faces = session.scalars(select(VerdictFace).where(VerdictFace.item_id == ids["big.jpg"])).all()
+        labels = {v.item_id: v.label for v in session.scalars(select(Verdict))}
+    assert faces, "the placed face was not found"
+    face = max(faces, key=lambda f: f.detector_score)
+    # The face box lies inside the placed crop and covers a good part of it (a crop frames its face with a margin).
+    assert placed[0] - 40 <= face.x0 < face.x1 <= placed[2] + 40 and placed[1] - 40 <= face.y0 < face.y1 <= placed[3] + 40
+    assert (face.x1 - face.x0) > 0.4 * (placed[2] - placed[0])
+    assert labels[ids["empty-1.jpg"]] == "no_face" and labels[again["empty-2.jpg"]] == "no_face"

@@ -216,6 +216,8 @@
     $("heat").removeAttribute("src");
     const status = $("status");
     if (status.dataset.about && status.dataset.about !== item.id) say("");
+    $("faces").replaceChildren();
+    $("full").onload = () => drawFaces(item);
     $("full").src = item.image_url;
     const facts = $("facts");
     facts.replaceChildren();
@@ -244,6 +246,33 @@
     });
     $("history").replaceChildren(...history);
     $("undo").disabled = !ownDecision(item) && state.undo.length === 0;
+  }
+
+  // Face stage: the newest verdict's faces, boxes in pixels of the image as uploaded (orientation applied,
+  // as the browser shows it), drawn in percent so they scale with the displayed image.
+  function drawFaces(item) {
+    if (state.detail !== item) return;
+    const image = $("full");
+    const verdict = item.verdicts.length ? item.verdicts[item.verdicts.length - 1] : null;
+    const faces = verdict && verdict.faces ? verdict.faces : [];
+    const width = image.naturalWidth, height = image.naturalHeight;
+    if (!width || !height) return;
+    const boxes = faces.map((face, index) => {
+      const box = document.createElement("div");
+      const flagged = face.fake_probability >= verdict.threshold;
+      box.className = flagged ? "face flagged" : "face";
+      box.dataset.face = String(index);
+      box.style.left = `${(100 * face.x0) / width}%`;
+      box.style.top = `${(100 * face.y0) / height}%`;
+      box.style.width = `${(100 * (face.x1 - face.x0)) / width}%`;
+      box.style.height = `${(100 * (face.y1 - face.y0)) / height}%`;
+      const tag = document.createElement("span");
+      tag.textContent = `face ${index + 1}: ${face.fake_probability.toFixed(3)}`;
+      box.title = `P(fake) ${face.fake_probability.toFixed(4)}, face detector ${face.detector_score.toFixed(3)}`;
+      box.append(tag);
+      return box;
+    });
+    $("faces").replaceChildren(...boxes);
   }
 
   // The open item's standing decision, if this reviewer made it: the review Undo retracts.
