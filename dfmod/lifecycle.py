@@ -70,13 +70,29 @@ class IllegalTransition(RuntimeError):
     """A status change the lifecycle does not allow (e.g. a final item put back to work)."""
 
 
+def check_move(item_id: str, current: ItemStatus | None, to: ItemStatus) -> None:
+    """Raise :class:`IllegalTransition` unless the lifecycle allows ``current`` -> ``to``."""
+    if current is not None and to not in TRANSITIONS[ItemStatus(current)]:
+        raise IllegalTransition(f"item {item_id}: {ItemStatus(current).value} -> {to.value} is not allowed")
+
+
 def move(item: Item, to: ItemStatus, now: datetime | None = None) -> None:
-    """Set ``item.status`` to ``to`` if the lifecycle allows it; the one place a status is assigned."""
-    current = ItemStatus(item.status) if item.status is not None else None
-    if current is not None and to not in TRANSITIONS[current]:
-        raise IllegalTransition(f"item {item.id}: {current.value} -> {to.value} is not allowed")
+    """Set ``item.status`` to ``to`` if the lifecycle allows it; the one place an ORM item's status is assigned
+    (the worker's batches write theirs in bulk, through :func:`_bulk_update`, checked the same way)."""
+    check_move(item.id, item.status, to)
     item.status = to
     item.updated_at = now or utcnow()
+
+
+def _bulk_update(session: Session, rows: list[dict]) -> None:
+    """UPDATE items by primary key (``rows``: dicts with ``id`` and the columns to set), as executemany.
+
+    The worker's hot path: SQLAlchemy's ORM unit of work cost about 1.3 ms of CPU per item of a batch (attribute
+    history, change tracking); an ORM bulk UPDATE by primary key is one statement per set of columns. Callers
+    check each status move first (:func:`check_move`).
+    """
+    if rows:
+        session.execute(update(Item), rows)
 
 
 def skip_locked(query: Select, session: Session) -> Select:
@@ -295,7 +311,9 @@ def claim_for_classification(
     A redelivered task is a no-op: final items are skipped, and an item that already has this model's
     verdict (persisted, then its worker died before acknowledging) is marked ``classified`` without work.
     """
-    items = session.scalars(skip_locked(select(Item).where(Item.id.in_(item_ids)), session)).all()
+    columns = (Item.id, Item.status, Item.attempts, Item.bucket, Item.key, Item.sha256, Item.enqueued_at, Item.source,
+               Item.tenant_id)
+    rows = session.execute(skip_locked(select(*columns).where(Item.id.in_(item_ids)), session)).all()
     already = set(
         session.scalars(
             select(Verdict.item_id).where(Verdict.item_id.in_(item_ids), Verdict.model_version == model_version)
@@ -303,20 +321,29 @@ def claim_for_classification(
     )
     now = utcnow()
     result = ClaimResult([], [])
-    for item in items:
-        if item.status in FINAL_STATES:
+    updates = []
+    for row in rows:
+        if row.status in FINAL_STATES:
             continue
-        if item.id in already:
-            move(item, ItemStatus.classified, now)
+        if row.id in already:
+            check_move(row.id, row.status, ItemStatus.classified)
+            updates.append({"id": row.id, "status": ItemStatus.classified, "updated_at": now})
             continue
-        if give_up_if_exhausted(item, max_attempts, now):
-            result.gave_up.append(item.id)
+        if row.attempts >= max_attempts:  # the too_many_attempts rule, as in give_up_if_exhausted
+            check_move(row.id, row.status, ItemStatus.failed)
+            updates.append({
+                "id": row.id, "status": ItemStatus.failed, "updated_at": now, "failure_reason": TOO_MANY_ATTEMPTS,
+                "failure_detail": f"gave up after {row.attempts} attempts",
+            })
+            telemetry.ITEM_FAILURES.labels(reason=TOO_MANY_ATTEMPTS).inc()
+            result.gave_up.append(row.id)
             continue
-        move(item, ItemStatus.processing, now)
-        item.attempts += 1
+        check_move(row.id, row.status, ItemStatus.processing)
+        updates.append({"id": row.id, "status": ItemStatus.processing, "updated_at": now, "attempts": row.attempts + 1})
         result.claimed.append(
-            Claimed(item.id, item.bucket, item.key, item.sha256, item.enqueued_at, item.source, item.tenant_id)
+            Claimed(row.id, row.bucket, row.key, row.sha256, row.enqueued_at, row.source, row.tenant_id)
         )
+    _bulk_update(session, updates)
     return result
 
 
@@ -400,32 +427,36 @@ def persist_results(session: Session, results: list[ItemResult]) -> None:
     ]
     if face_rows:
         insert_ignore(session, VerdictFace, face_rows, ["item_id", "model_version", "face_index"])
-    items = {item.id: item for item in session.scalars(select(Item).where(Item.id.in_([r.item_id for r in results])))}
+    statuses = dict(
+        session.execute(select(Item.id, Item.status).where(Item.id.in_([r.item_id for r in results]))).tuples().all()
+    )
+    updates = []
     for result in results:
-        item = items.get(result.item_id)
-        if item is None or item.status in FINAL_STATES:  # deleted, or finished by another delivery meanwhile
+        status = statuses.get(result.item_id)
+        if status is None or status in FINAL_STATES:  # deleted, or finished by another delivery meanwhile
             continue
+        row: dict = {"id": result.item_id, "updated_at": now}
         if result.sha256:
-            item.sha256 = result.sha256
+            row["sha256"] = result.sha256
         if result.size is not None:
-            item.size = result.size
+            row["size"] = result.size
         if result.verdict is not None:
-            move(item, ItemStatus.classified, now)
-            item.classified_at = now
-            item.failure_reason = item.failure_detail = None
-            # The newest verdict, copied for the reviewers' queries (dfmod.review).
-            item.score = result.verdict.fake_probability
-            item.label = result.verdict.label
-            item.threshold = result.verdict.threshold
-            item.model_version = result.verdict.model_version
+            row |= {
+                "status": ItemStatus.classified, "classified_at": now, "failure_reason": None, "failure_detail": None,
+                # The newest verdict, copied for the reviewers' queries (dfmod.review).
+                "score": result.verdict.fake_probability, "label": result.verdict.label,
+                "threshold": result.verdict.threshold, "model_version": result.verdict.model_version,
+            }
         elif result.failure is not None:
-            move(item, ItemStatus.failed, now)
-            item.failure_reason, detail = result.failure
-            item.failure_detail = detail[:2000]
+            reason, detail = result.failure
+            row |= {"status": ItemStatus.failed, "failure_reason": reason, "failure_detail": detail[:2000]}
         elif result.retry is not None:
-            move(item, ItemStatus.queued, now)
-            item.failure_detail = f"retrying: {result.retry}"[:2000]
-            item.enqueued_at = now
+            row |= {"status": ItemStatus.queued, "failure_detail": f"retrying: {result.retry}"[:2000], "enqueued_at": now}
+        else:
+            continue
+        check_move(result.item_id, status, row["status"])
+        updates.append(row)
+    _bulk_update(session, updates)
 
 
 def release_claims(session: Session, item_ids: list[str], reason: str) -> list[str]:
