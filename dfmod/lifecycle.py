@@ -27,7 +27,7 @@ duplicated S3 notification or a retried registration creates one item and one ta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from celery import Celery
@@ -358,6 +358,8 @@ class ReusableVerdict:
     batch_size: int | None
     device: str | None
     label: str = ""
+    # Face stage: the faces of the verdict's item, as (x0, y0, x1, y1, detector_score, fake_probability).
+    faces: tuple = ()
 
 
 def find_reusable_verdicts(session: Session, model_version: str, shas: set[str]) -> dict[str, list[ReusableVerdict]]:
@@ -373,9 +375,20 @@ def find_reusable_verdicts(session: Session, model_version: str, shas: set[str])
         .where(Verdict.model_version == model_version, Verdict.sha256.in_(shas))
         .order_by(Verdict.id)
     ).all()
+    faces: dict[str, list[tuple]] = {}
+    if rows and model_version.endswith("+faces"):
+        for face in session.scalars(
+            select(VerdictFace)
+            .where(VerdictFace.item_id.in_({row.item_id for row in rows}), VerdictFace.model_version == model_version)
+            .order_by(VerdictFace.face_index)
+        ):
+            faces.setdefault(face.item_id, []).append(
+                (face.x0, face.y0, face.x1, face.y1, face.detector_score, face.fake_probability)
+            )
     known: dict[str, list[ReusableVerdict]] = {}
     for sha, *fields in rows:
-        known.setdefault(sha, []).append(ReusableVerdict(*fields))
+        verdict = ReusableVerdict(*fields)
+        known.setdefault(sha, []).append(replace(verdict, faces=tuple(faces.get(verdict.item_id, ()))))
     return known
 
 

@@ -40,7 +40,7 @@ from dfmod import lifecycle, telemetry
 from dfmod.callbacks import EVENT_VERDICT, enqueue_events
 from dfmod.db import retry_database, session_scope, utcnow
 from dfmod.detector import Predictor, load_pixels, to_pixels
-from dfmod.faces import NO_FACE, face_crops, scale_face
+from dfmod.faces import NO_FACE, Face, face_crops, scale_face
 from dfmod.imaging import DecodeBudget, ImageRejected, decode_image, oriented_size
 from dfmod.lifecycle import Claimed, ItemResult, VerdictData
 from dfmod.queue import enqueue
@@ -250,6 +250,11 @@ class BatchClassifier:
             outcome.fake_probability = source.fake_probability
             if source.label == NO_FACE:
                 outcome.faces = []  # the same bytes had no face: still no_face, not "real" by its score of 0
+            elif source.faces:
+                # The same bytes' faces, so reviewers see this item's boxes too.
+                outcome.faces = [Face((x0, y0, x1, y1), (x0, y0, x1, y1), score)
+                                 for x0, y0, x1, y1, score, _ in source.faces]
+                outcome.face_probabilities = [face[5] for face in source.faces]
             if own:
                 outcome.reused_from = source.item_id
             else:

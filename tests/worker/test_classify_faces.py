@@ -88,7 +88,8 @@ def test_boxes_are_in_pixels_of_the_uploaded_photo_and_identical_faceless_bytes_
                                                                                              s3_buckets):
     """A photo large enough for the JPEG decoder to halve it before detection still gets its face's box in
     the uploaded image's pixels (what the review page draws on). The same face-free bytes sent again reuse
-    the verdict and stay ``no_face`` rather than becoming "real" by their score of 0."""
+    the verdict and stay ``no_face`` rather than becoming "real" by their score of 0; a photo sent again gets
+    its reused verdict's faces."""
     from PIL import Image
 
     sample = scan_labelled_folder(FACES_TEST, limit_per_class=1, seed=5)[0]
@@ -99,9 +100,9 @@ def test_boxes_are_in_pixels_of_the_uploaded_photo_and_identical_faceless_bytes_
     landscape = _jpeg(background(random.Random(12), (1600, 1200)))
     ids = _put_and_record(face_classifier, s3_buckets, {"big.jpg": _jpeg(canvas), "empty-1.jpg": landscape})
     face_classifier.run(list(ids.values()))
-    again = _put_and_record(face_classifier, s3_buckets, {"empty-2.jpg": landscape})
+    again = _put_and_record(face_classifier, s3_buckets, {"empty-2.jpg": landscape, "big-2.jpg": _jpeg(canvas)})
     report = face_classifier.run(list(again.values()))
-    assert report.reused == 1
+    assert report.reused == 2
 
     with session_scope(face_classifier.session_factory) as session:
         faces = session.scalars(select(VerdictFace).where(VerdictFace.item_id == ids["big.jpg"])).all()
@@ -112,3 +113,11 @@ def test_boxes_are_in_pixels_of_the_uploaded_photo_and_identical_faceless_bytes_
     assert placed[0] - 40 <= face.x0 < face.x1 <= placed[2] + 40 and placed[1] - 40 <= face.y0 < face.y1 <= placed[3] + 40
     assert (face.x1 - face.x0) > 0.4 * (placed[2] - placed[0])
     assert labels[ids["empty-1.jpg"]] == "no_face" and labels[again["empty-2.jpg"]] == "no_face"
+    # The reused verdict of the same photo carries its faces too, so reviewers see the boxes on either item.
+    with session_scope(face_classifier.session_factory) as session:
+        copied = session.scalars(select(VerdictFace).where(VerdictFace.item_id == again["big-2.jpg"])
+                                 .order_by(VerdictFace.face_index)).all()
+    def boxes(rows):
+        return [(f.x0, f.y0, f.x1, f.y1, f.detector_score, f.fake_probability) for f in rows]
+
+    assert boxes(copied) == boxes(sorted(faces, key=lambda f: f.face_index))
