@@ -460,36 +460,32 @@ def run_bench(
         finally:
             worker.stop()
 
+        def drains_with_worker(tag: str, runs: str, extra_env: dict, per_run: int, warmup_s: float) -> list[float]:
+            """A worker with ``extra_env`` (log ``worker<tag>.log``), warmed on ``warmup<tag>``, drains ``runs``."""
+            worker = _Process([*cli, "worker", "--log-level", "info"], {**env, **extra_env}, workdir / f"worker{tag}.log",
+                              ready=b"ready.")
+            try:
+                _drain(settings, factory, celery_app, storage, phase[f"warmup{tag}"], f"warmup{tag}", warmup_s)
+                return drain_runs(runs, per_run)
+            finally:
+                worker.stop()
+
         e2e_torch = None
         if torch_available:
             progress(f"end-to-end with the torch backend: {repeats} x {images} images ...")
-            torch_env = {**env, "DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto"}
-            worker = _Process([*cli, "worker", "--log-level", "INFO"], torch_env, workdir / "workerT.log", ready=b"ready.")
-            try:
-                _drain(settings, factory, celery_app, storage, phase["warmupT"], "warmupT", 120)
-                e2e_torch = statistics.median(drain_runs("e2eT", images))
-            finally:
-                worker.stop()
+            e2e_torch = statistics.median(
+                drains_with_worker("T", "e2eT", {"DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto"}, images, 120)
+            )
 
         e2e_faces = None
         if faces_available:
             progress(f"end-to-end with the face stage: {repeats} x {face_images} images ...")
-            faces_env = {**env, "DFMOD_FACE_STAGE": "true"}
-            worker = _Process([*cli, "worker", "--log-level", "info"], faces_env, workdir / "workerF.log", ready=b"ready.")
-            try:
-                _drain(settings, factory, celery_app, storage, phase["warmupF"], "warmupF", 300)
-                e2e_faces = statistics.median(drain_runs("e2eF", face_images))
-            finally:
-                worker.stop()
+            e2e_faces = statistics.median(drains_with_worker("F", "e2eF", {"DFMOD_FACE_STAGE": "true"}, face_images, 300))
 
         progress(f"unbatched: {repeats} x {unbatched_images} images, one task = one forward pass ...")
-        unbatched_env = {**env, "DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}
-        worker = _Process([*cli, "worker", "--log-level", "info"], unbatched_env, workdir / "worker1.log", ready=b"ready.")
-        try:
-            _drain(settings, factory, celery_app, storage, phase["warmup1"], "warmup1", 120)
-            unbatched_runs = drain_runs("unbatched", unbatched_images)
-        finally:
-            worker.stop()
+        unbatched_runs = drains_with_worker(
+            "1", "unbatched", {"DFMOD_BATCH_SIZE": "1", "DFMOD_BATCH_WAIT_MS": "0"}, unbatched_images, 120
+        )
 
     def percentile(values: list[float], q: float) -> float:
         if not values:
