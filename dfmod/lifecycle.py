@@ -106,14 +106,21 @@ def skip_locked(query: Select, session: Session) -> Select:
     return query
 
 
+def _exhausted(attempts: int, max_attempts: int) -> dict | None:
+    """The ``too_many_attempts`` rule: the failure to write once an item used ``max_attempts`` deliveries."""
+    if attempts < max_attempts:
+        return None
+    telemetry.ITEM_FAILURES.labels(reason=TOO_MANY_ATTEMPTS).inc()
+    return {"failure_reason": TOO_MANY_ATTEMPTS, "failure_detail": f"gave up after {attempts} attempts"}
+
+
 def give_up_if_exhausted(item: Item, max_attempts: int, now: datetime | None = None) -> bool:
-    """The ``too_many_attempts`` rule: fail ``item`` for good once it used ``max_attempts`` deliveries."""
-    if item.attempts < max_attempts:
+    """Fail ``item`` for good by the ``too_many_attempts`` rule; True if it did."""
+    failure = _exhausted(item.attempts, max_attempts)
+    if failure is None:
         return False
     move(item, ItemStatus.failed, now)
-    item.failure_reason = TOO_MANY_ATTEMPTS
-    item.failure_detail = f"gave up after {item.attempts} attempts"
-    telemetry.ITEM_FAILURES.labels(reason=TOO_MANY_ATTEMPTS).inc()
+    item.failure_reason, item.failure_detail = failure["failure_reason"], failure["failure_detail"]
     return True
 
 
@@ -329,13 +336,10 @@ def claim_for_classification(
             check_move(row.id, row.status, ItemStatus.classified)
             updates.append({"id": row.id, "status": ItemStatus.classified, "updated_at": now})
             continue
-        if row.attempts >= max_attempts:  # the too_many_attempts rule, as in give_up_if_exhausted
+        failure = _exhausted(row.attempts, max_attempts)
+        if failure is not None:
             check_move(row.id, row.status, ItemStatus.failed)
-            updates.append({
-                "id": row.id, "status": ItemStatus.failed, "updated_at": now, "failure_reason": TOO_MANY_ATTEMPTS,
-                "failure_detail": f"gave up after {row.attempts} attempts",
-            })
-            telemetry.ITEM_FAILURES.labels(reason=TOO_MANY_ATTEMPTS).inc()
+            updates.append({"id": row.id, "status": ItemStatus.failed, "updated_at": now, **failure})
             result.gave_up.append(row.id)
             continue
         check_move(row.id, row.status, ItemStatus.processing)
