@@ -304,7 +304,6 @@ class _ObstoreReader:
     def __init__(self, settings: Settings, session) -> None:
         from datetime import timedelta
 
-        self.settings = settings
         self._stores: dict[str, object] = {}
         self._lock = threading.Lock()
         endpoint = settings.s3_endpoint_url
