@@ -359,6 +359,15 @@ def _bench_key(factory) -> str:
         return create_key(session, f"bench-{uuid.uuid4().hex[:8]}", ["ingest"]).plaintext
 
 
+def _moto_storage(stack: ExitStack) -> dict:
+    """Settings for a throw-away S3 bucket on a moto_server that lives as long as ``stack`` (create the bucket)."""
+    endpoint = stack.enter_context(moto_server())
+    return {
+        "storage_url": f"s3://bench-{uuid.uuid4().hex[:6]}", "s3_endpoint_url": endpoint,
+        "s3_access_key_id": "bench", "s3_secret_access_key": "bench",
+    }
+
+
 def run_bench(
     images: int, unbatched_images: int, latency_seconds: float, rate: float | None, model_seconds: float,
     images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 3,
@@ -380,11 +389,7 @@ def run_bench(
         if not base.database_url:
             overrides["database_url"] = f"sqlite:///{workdir}/bench.db"
         if not base.storage_is_s3:
-            endpoint = stack.enter_context(moto_server())
-            overrides.update(
-                storage_url=f"s3://bench-{uuid.uuid4().hex[:6]}", s3_endpoint_url=endpoint,
-                s3_access_key_id="bench", s3_secret_access_key="bench",
-            )
+            overrides.update(_moto_storage(stack))
         if base.broker_url:
             overrides["queue"] = f"dfmod-bench-{uuid.uuid4().hex[:6]}"  # never mix with a live queue
         settings = Settings(**{**base.model_dump(), **overrides})
@@ -567,11 +572,7 @@ def run_worker_only(
             if base.storage_is_s3:
                 del overrides["storage_url"]
             else:
-                endpoint = stack.enter_context(moto_server())
-                overrides.update(
-                    storage_url=f"s3://bench-{uuid.uuid4().hex[:6]}", s3_endpoint_url=endpoint,
-                    s3_access_key_id="bench", s3_secret_access_key="bench",
-                )
+                overrides.update(_moto_storage(stack))
         settings = Settings(**{**base.model_dump(), **overrides})
         migrate.upgrade(settings)
         storage = make_storage(settings)
