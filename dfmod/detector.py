@@ -227,14 +227,28 @@ def to_pixels(image: Image.Image, meta: ModelMeta, out: np.ndarray | None = None
     return out
 
 
-def load_pixels(data: bytes, limits, meta: ModelMeta, out: np.ndarray | None = None, budget=None) -> np.ndarray:
+def load_pixels(
+    data: bytes, limits, meta: ModelMeta, out: np.ndarray | None = None, budget=None, scaled_jpeg: bool = True
+) -> np.ndarray:
     """Untrusted bytes -> the model's uint8 HWC input; raises :class:`dfmod.imaging.ImageRejected`.
 
     The whole per-image path of the worker and of evaluation: decode (towards the model's size), resize.
+    A clean colour JPEG is DCT-scaled by libjpeg-turbo (a 256-px face straight to 224, no resize), every
+    other file goes through Pillow (:mod:`dfmod.imaging`); the model card records that the two agree
+    (``scaled_jpeg=False``: Pillow for every file, for that comparison, ``scripts/compare_decoders.py``).
     """
-    from dfmod.imaging import decode_image
+    from dfmod.imaging import decode_image, decode_jpeg_scaled
 
-    return to_pixels(decode_image(data, limits, target=meta.image_size, budget=budget), meta, out)
+    pixels = decode_jpeg_scaled(data, limits, target=meta.image_size, budget=budget) if scaled_jpeg else None
+    if pixels is None:
+        return to_pixels(decode_image(data, limits, target=meta.image_size, budget=budget), meta, out)
+    width, height = meta.image_size
+    if pixels.shape[:2] != (height, width):
+        return to_pixels(Image.fromarray(pixels), meta, out)
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
 
 
 def stack_pixels(pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -15,6 +15,10 @@ Two things Pillow alone lets through are caught here:
   first scan costs at least one bit) and (2) decodes single-scan JPEGs with the end-of-image marker replaced
   by a few bytes of padding: a complete scan never needs them, while a cut one runs out of data and fails
   as ``truncated`` instead of reading a marker as the end of its pixels.
+* **Speed.** Pillow's ``draft`` only scales by halves, so a 256-px face decodes at 256 px and is then
+  resized to 224 (the resize costs more than the decode). :func:`decode_jpeg_scaled` lets libjpeg-turbo
+  scale by any of its M/8 factors instead (7/8: straight to 224 px, no resize) for the common case, a
+  colour or grey JPEG, after the same checks; anything it does not take cleanly goes to Pillow's path.
 * **Memory.** Decoded pixels cost far more than encoded bytes (a 1 MB PNG can hold 50 megapixels, 200 MB as
   RGBA). A :class:`DecodeBudget` caps the pixels being decoded at once in a process: each decode reserves
   its image's size (after JPEG DCT scaling) before allocating and gives it back when done, so peak memory is
@@ -31,9 +35,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dfmod.errors import DfmodError
+
+try:
+    import simplejpeg  # libjpeg-turbo's scaled decoding (a base dependency, MIT)
+except ImportError:  # pragma: no cover - without it every JPEG takes Pillow's path
+    simplejpeg = None
 
 # Formats people upload; anything else (PDF, PSD, ICO, ...) is rejected before a decoder is chosen,
 # which keeps the attack surface to the decoders we expect.
@@ -284,6 +294,58 @@ def decode_image(
         message = str(exc) or type(exc).__name__
         reason = "truncated" if "truncated" in message.lower() else "corrupt"
         raise ImageRejected(reason, message) from exc
+
+
+def decode_jpeg_scaled(
+    data: bytes, limits: ImageLimits, target: tuple[int, int], budget: DecodeBudget | None = None
+) -> np.ndarray | None:
+    """A colour or grey JPEG as RGB uint8 (H, W, 3), orientation applied, decoded by libjpeg-turbo at the
+    smallest of its M/8 scales that keeps both sides >= ``target`` (never above 1/1); None otherwise.
+
+    The bytes pass the checks of :func:`decode_image` first (limits, marker walk, scan size), which raise
+    :class:`ImageRejected` as there. The decode itself is strict: any libjpeg warning (a scan cut short, a
+    marker inside scan data, stray bytes) raises, and then, as for CMYK, MPO files or an unreadable EXIF
+    block, this returns None so that :func:`decode_image` decodes the file or rejects it with its reason.
+    So a file is accepted or rejected exactly as before; only clean files take this path.
+    """
+    if simplejpeg is None:
+        return None
+    with _open(data, limits) as image:
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block, whatever it raises: Pillow's path decides
+            return None
+    scan = _jpeg_scan(data)
+    if scan is None:
+        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
+    _check_jpeg_scan_size(scan, width, height)
+    min_width, min_height = target
+    if orientation in _TRANSPOSING_ORIENTATIONS:  # the target applies to the picture as displayed
+        min_width, min_height = min_height, min_width
+    try:
+        out_height, out_width, _, _ = simplejpeg.decode_jpeg_header(data, min_height=min_height, min_width=min_width)
+        with budget.reserve(out_width * out_height) if budget is not None else _no_budget():
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height, min_width=min_width)
+    except ValueError:
+        return None
+    return _orient(pixels, orientation)
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to (H, W, C) pixels, as :func:`PIL.ImageOps.exif_transpose` does."""
+    oriented = {
+        2: lambda a: a[:, ::-1],  # mirrored
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1],  # flipped
+        5: lambda a: a.transpose(1, 0, 2),  # transposed
+        6: lambda a: a.transpose(1, 0, 2)[:, ::-1],  # rotated 90 clockwise
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transversed
+        8: lambda a: a.transpose(1, 0, 2)[::-1],  # rotated 90 counter-clockwise
+    }.get(orientation)
+    return pixels if oriented is None else np.ascontiguousarray(oriented(pixels))
 
 
 # Modes Image.reduce handles; others (palette, 1-bit, 16-bit) are converted first at full size.

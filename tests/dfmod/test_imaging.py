@@ -230,3 +230,99 @@ def test_decode_budget_is_weighted_by_the_jpeg_size_after_dct_scaling():
     budget = DecodeBudget(10_000_000)
     decode_image(make_image_bytes("JPEG", size=(2000, 1800)), LIMITS, target=(224, 224), budget=budget)
     assert budget.peak == 250 * 225
+
+
+# --- libjpeg-turbo's scaled decoding (the worker's fast path) ----------------------------------------
+
+
+def _pillow_pixels(data: bytes, size=(224, 224)):
+    """The model input the way Pillow alone makes it (the path every file took before the fast path)."""
+    import numpy as np
+
+    return np.asarray(decode_image(data, LIMITS, target=size).resize(size, Image.Resampling.BILINEAR))
+
+
+def test_a_256px_jpeg_is_dct_scaled_straight_to_224_and_matches_pillow_closely():
+    import random
+
+    import numpy as np
+
+    from dfmod.imaging import decode_jpeg_scaled
+
+    rng = random.Random(5)
+    for _ in range(5):
+        smooth = Image.frombytes("RGB", (16, 16), rng.randbytes(16 * 16 * 3)).resize((256, 256), Image.Resampling.BICUBIC)
+        data = io.BytesIO()
+        smooth.save(data, format="JPEG", quality=90)
+        pixels = decode_jpeg_scaled(data.getvalue(), LIMITS, target=(224, 224))
+        assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8  # 7/8: no resize left to do
+        difference = np.abs(pixels.astype(int) - _pillow_pixels(data.getvalue()).astype(int))
+        assert difference.mean() < 2.0, difference.mean()
+
+
+def test_the_scaled_decode_never_upscales_and_keeps_both_sides_at_least_the_target():
+    from dfmod.imaging import decode_jpeg_scaled
+
+    assert decode_jpeg_scaled(make_image_bytes("JPEG", size=(120, 90)), LIMITS, target=(224, 224)).shape == (90, 120, 3)
+    # 2000x1800: libjpeg-turbo's 1/8 (250x225) as Pillow's draft; 1000x300 at 3/4 -> 750x225 (draft: 1/1).
+    assert decode_jpeg_scaled(make_image_bytes("JPEG", size=(2000, 1800)), LIMITS, target=(224, 224)).shape == (225, 250, 3)
+    assert decode_jpeg_scaled(make_image_bytes("JPEG", size=(1000, 300)), LIMITS, target=(224, 224)).shape == (225, 750, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_scaled_decode_applies_every_exif_orientation_as_pillow_does(orientation):
+    import numpy as np
+
+    from dfmod.imaging import decode_jpeg_scaled
+
+    # Four flat quadrants of different colours: any wrong flip or turn moves a colour.
+    image = Image.new("RGB", (96, 64))
+    for index, colour in enumerate([(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)]):
+        image.paste(colour, ((index % 2) * 48, (index // 2) * 32, (index % 2) * 48 + 48, (index // 2) * 32 + 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=95)
+    expected = np.asarray(decode_image(buffer.getvalue(), LIMITS))
+    pixels = decode_jpeg_scaled(buffer.getvalue(), LIMITS, target=expected.shape[1::-1])  # 1/1: same decode
+    assert pixels.shape == expected.shape
+    assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_files_the_scaled_decode_does_not_take_are_decoded_or_rejected_exactly_as_by_pillow():
+    """Seeded hostile files: load_pixels (fast path first) and Pillow's path accept and reject the same
+    files, with the same reasons; the fast path declines CMYK and cut scans, among others."""
+    import random
+
+    from dfmod.detector import load_pixels, read_meta
+    from dfmod.imaging import decode_jpeg_scaled
+    from tests.utils.hostile_inputs import bad_image, valid_image
+
+    meta = read_meta(_shipped_checkpoint())
+    rng = random.Random(2024)
+    outcomes = {"both_rejected": 0, "both_decoded": 0}
+    for _ in range(300):
+        kind, data = bad_image(rng) if rng.random() < 0.8 else ("valid", valid_image(rng))
+        results = []
+        for decode in (lambda d: load_pixels(d, LIMITS, meta), lambda d: _pillow_pixels(d, meta.image_size)):
+            try:
+                results.append(("decoded", decode(data).shape))
+            except ImageRejected as exc:
+                results.append(("rejected", exc.reason))
+        assert results[0] == results[1], (kind, results)
+        outcomes["both_rejected" if results[0][0] == "rejected" else "both_decoded"] += 1
+    assert min(outcomes.values()) > 30, outcomes
+    # What the fast path declines (None: Pillow decides), although it is a JPEG with a valid header.
+    cmyk = make_image_bytes("JPEG", size=(64, 64), mode="CMYK")
+    whole = make_image_bytes("JPEG", size=(300, 200))
+    cut = whole[: len(whole) // 2] + b"\xff\xd9"
+    for declined in (cmyk, cut):
+        assert decode_jpeg_scaled(declined, LIMITS, target=(224, 224)) is None
+
+
+def _shipped_checkpoint():
+    from pathlib import Path
+
+    import dfmod
+
+    return Path(dfmod.__file__).parent / "models" / "mnv4s-faces256.safetensors"
