@@ -7,8 +7,10 @@
 #
 # Targets:
 #   cpu  (default)  API, migrations, helm test and CPU workers  docker build --target cpu  -t dfmod:0.1.0 .
-#   cuda            GPU workers (torch with CUDA 12 libraries)  docker build --target cuda -t dfmod:0.1.0-cuda .
-# The CUDA image needs only the NVIDIA driver on the host (NVIDIA container toolkit / GPU operator).
+#   cuda            GPU workers (torch with its CUDA libraries)  docker build --target cuda -t dfmod:0.1.0-cuda .
+# The CUDA image needs only the NVIDIA driver on the host (NVIDIA container toolkit / GPU operator); PyPI's torch
+# 2.14 wheels are CUDA 13.0 builds, which need driver R580 or newer (see TORCH_CUDA_INDEX_URL for older drivers).
+# Sizes (buildah, 2026-12-02; docs/operations.md): cpu 789 MB (no torch), cuda 6.32 GB, uncompressed.
 #
 # What each image holds is the project's dependencies plus the extras named by CPU_EXTRAS / GPU_EXTRAS.
 # torch comes only with the dependencies that ask for it: from the CPU wheel index for `cpu`, from PyPI
@@ -52,8 +54,9 @@ RUN pip install . --no-deps \
  && python -c "import dfmod, pathlib, sys; sys.exit(not list(pathlib.Path(dfmod.__file__).parent.glob('models/*.safetensors')))"
 
 FROM venv AS build-cuda
-# Extras for the CUDA image: `gpu` brings torch (PyPI's Linux x86_64 wheels are CUDA 12 builds that bring
-# their CUDA/cuDNN libraries as wheels).
+# Extras for the CUDA image: `gpu` brings torch (PyPI's Linux x86_64 wheels bring their CUDA/cuDNN libraries as
+# wheels: torch 2.14 is a CUDA 13.0 build, driver R580+). For nodes with an older driver, take a CUDA 12 build:
+#   --build-arg TORCH_CUDA_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG GPU_EXTRAS="gpu"
 ARG TORCH_CUDA_INDEX_URL=https://pypi.org/simple
 RUN python requirements.py --extras "${GPU_EXTRAS}" --only torch > torch.txt \

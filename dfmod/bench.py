@@ -395,6 +395,8 @@ def run_bench(
         settings = Settings(**{**base.model_dump(), **overrides})
         if not base.database_url:
             migrate.upgrade(settings)
+        else:
+            _require_current_schema(settings.resolved_database_url)
         storage = make_storage(settings)
         if overrides.get("storage_url"):
             storage.client.create_bucket(Bucket=settings.upload_bucket)
@@ -513,6 +515,22 @@ def run_bench(
     )
 
 
+def _require_current_schema(database_url: str) -> None:
+    """A configured database is the operator's: the bench never migrates it, it says what to run instead."""
+    from dfmod import migrate
+
+    revision = migrate.current_revision(database_url)
+    state = migrate.schema_state(revision)
+    if state is not migrate.SchemaState.current:
+        what = "was migrated by a newer release" if state is migrate.SchemaState.ahead else "run `dfmod migrate` first"
+        typer.echo(
+            f"dfmod bench: the database in DFMOD_DATABASE_URL is at revision {revision or '(none: not migrated)'}, "
+            f"this code's schema is {migrate.head_revision()}: {what}",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
 def _env_for(settings) -> dict[str, str]:
     """The settings as DFMOD_* variables, so child processes see exactly what the bench uses."""
     env = {}
@@ -574,7 +592,10 @@ def run_worker_only(
             else:
                 overrides.update(_moto_storage(stack))
         settings = Settings(**{**base.model_dump(), **overrides})
-        migrate.upgrade(settings)
+        if "database_url" in overrides:
+            migrate.upgrade(settings)  # the bench's own throw-away SQLite
+        else:
+            _require_current_schema(settings.resolved_database_url)
         storage = make_storage(settings)
         if services and not base.storage_is_s3:
             storage.client.create_bucket(Bucket=settings.upload_bucket)

@@ -13,8 +13,10 @@ of :data:`dfmod.detector.CLASS_NAMES`. Training may mix several such roots (face
 name), and :func:`balanced_weights` gives each (domain, label) the same share of an epoch so that neither a
 data set's quirks (size, sharpness, compression) nor a one-label source becomes the real/fake cue.
 
-Every image goes through :func:`dfmod.imaging.decode_image`, the worker's decoder, and
-:func:`dfmod.detector.to_pixels`, the worker's resize; training applies its augmentation to those pixels and
+Validation images go through :func:`dfmod.detector.load_pixels`, the worker's own path (libjpeg-turbo's DCT
+scaling for clean JPEGs), so the epoch chosen is judged on what the service will see. Training images go
+through :func:`dfmod.imaging.decode_image` and :func:`dfmod.detector.to_pixels` (Pillow: the augmentation
+works on its images; scripts/compare_decoders.py measures the two decoders' agreement); training applies its augmentation to those pixels and
 both datasets normalise with :func:`dfmod.torch_model.normalised_tensor`, the arithmetic of the serving
 module that the exported models carry, so the only difference between training and serving is the
 augmentation itself.
@@ -36,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
-from dfmod.detector import ModelMeta, resize_for_model, to_pixels
+from dfmod.detector import ModelMeta, load_pixels, resize_for_model
 from dfmod.imaging import ImageLimits, ImageRejected, decode_image, probe_image
 
 logger = logging.getLogger(__name__)
@@ -298,7 +300,8 @@ def check_readable(samples: Sequence[Sample], limits: ImageLimits | None = None,
 
 
 def load_image(path: Path, meta: ModelMeta, limits: ImageLimits | None = None):
-    """Decode a file exactly as the worker decodes an upload (EXIF, draft downscaling, RGB)."""
+    """Decode a file with Pillow as the worker decodes files that are not clean JPEGs (EXIF, draft, RGB), for
+    the augmentation, which works on Pillow images."""
     return decode_image(Path(path).read_bytes(), limits or ImageLimits(), target=meta.image_size)
 
 
@@ -441,7 +444,7 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            pixels = to_pixels(load_image(sample.path, self.meta, self.limits), self.meta)
+            pixels = load_pixels(Path(sample.path).read_bytes(), self.limits, self.meta)
             error = ""
         except ImageRejected as exc:
             pixels, error = self._blank(), str(exc)

@@ -82,3 +82,22 @@ def test_worker_only_bench_drives_the_batch_classifier_from_local_storage(export
     assert result["img_s"] > 0 and result["cpu_ms_per_image"] > result["model_cpu_ms_per_image"] > 0
     assert set(result["phases_ms_per_image"]) == {"claim", "fetch_decode", "inference", "persist"}
     assert (tmp_path / "worker.prof").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", [[], ["--worker-only", "--services"]], ids=["full", "worker-only"])
+def test_the_bench_never_migrates_a_configured_database_it_says_to_run_dfmod_migrate(mode):
+    from dfmod import migrate
+    from tests.utils.databases import scratch_postgres_database
+
+    with scratch_postgres_database("dfmod_bench_unmigrated") as url:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
+            "DFMOD_DATABASE_URL": url,
+        }
+        completed = subprocess.run(
+            [sys.executable, "-m", "dfmod", "bench", "--json", "--images", "8", *mode],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        )
+        assert completed.returncode == 2, completed.stderr[-3000:]
+        assert "run `dfmod migrate` first" in completed.stderr and "Traceback" not in completed.stderr
+        assert migrate.current_revision(url) is None  # still the operator's to migrate
