@@ -32,6 +32,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,7 +41,8 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,6 +88,8 @@ class BenchResult:
     face_stage_images: int = 0
     #: Worker CPU per image outside the forward pass, in the batched end-to-end runs.
     worker_non_model_cpu_ms: float | None = None
+    #: ``--worker-cpus``: the CPUs the worker processes and the model-only phase were pinned to (None: not pinned).
+    worker_cpus: list | None = None
 
 
 def synthetic_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
@@ -162,13 +166,45 @@ class CpuMeter:
         }
 
 
+def parse_cpu_list(text: str) -> set[int]:
+    """``0``, ``0,2`` or ``0-3`` (the kernel's cpu-list format) -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match or int(match.group(2) or match.group(1)) < int(match.group(1)):
+            raise typer.BadParameter(f"not a CPU list: {text!r} (e.g. 0, 0,2 or 0-3)")
+        cpus.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+    if not cpus:
+        raise typer.BadParameter("an empty CPU list")
+    return cpus
+
+
+@contextmanager
+def _pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run the calling thread (and the threads and children it starts) on ``cpus``, then restore its mask."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class _Process:
-    def __init__(self, args: list[str], env: dict, log: Path, ready: bytes | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict, log: Path, ready: bytes | None = None, port: int | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.log = log
         self.handle = open(log, "ab")
-        self.process = subprocess.Popen(
-            args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
-        )
+        # Started while pinned: the child and every thread it makes inherit the CPU mask.
+        with _pinned(cpus):
+            self.process = subprocess.Popen(
+                args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -371,7 +407,10 @@ def _moto_storage(stack: ExitStack) -> dict:
 def run_bench(
     images: int, unbatched_images: int, latency_seconds: float, rate: float | None, model_seconds: float,
     images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 3,
+    worker_cpus: set[int] | None = None,
 ) -> BenchResult:
+    """The whole bench. ``worker_cpus``: pin the worker processes and the model-only phase to those CPUs and this
+    process, moto_server and the API to the others (the database and broker are the operator's: not moved)."""
     from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory
     from dfmod.queue import make_celery
@@ -379,8 +418,18 @@ def run_bench(
     from dfmod.storage import make_storage
 
     base = Settings()
+    others = None
+    if worker_cpus:
+        available = os.sched_getaffinity(0)
+        others = available - worker_cpus
+        if not worker_cpus <= available or not others:
+            raise typer.BadParameter(
+                f"--worker-cpus must name some, not all, of this process's CPUs {sorted(available)}"
+            )
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dfmod-bench-")))
+        # This process and what it starts from here on (moto_server, the API) keep off the worker's CPUs.
+        stack.enter_context(_pinned(others))
         if log_dir:
             # Registered first, so it runs last: after every process has stopped and flushed its log.
             stack.callback(lambda: [shutil.copy(log, log_dir) for log in workdir.glob("*.log")])
@@ -409,7 +458,8 @@ def run_bench(
         }
 
         progress(f"model-only throughput at batch {settings.batch_size} ...")
-        model = _model_only(settings, settings.batch_size, model_seconds, progress)
+        with _pinned(worker_cpus):  # the forward pass where the worker will run it
+            model = _model_only(settings, settings.batch_size, model_seconds, progress)
         model_img_s, device, model_cpu_ms = model["img_s"], model["device"], model["cpu_ms"]
         torch_available = importlib.util.find_spec("torch") is not None and model["backend"] != "torch-fp32"
 
@@ -447,7 +497,8 @@ def run_bench(
             ]
 
         progress(f"end-to-end: {repeats} x {images} images through a batched worker ...")
-        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.")
+        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.",
+                          cpus=worker_cpus)
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
@@ -470,7 +521,7 @@ def run_bench(
         def drains_with_worker(tag: str, runs: str, extra_env: dict, per_run: int, warmup_s: float) -> list[float]:
             """A worker with ``extra_env`` (log ``worker<tag>.log``), warmed on ``warmup<tag>``, drains ``runs``."""
             worker = _Process([*cli, "worker", "--log-level", "info"], {**env, **extra_env}, workdir / f"worker{tag}.log",
-                              ready=b"ready.")
+                              ready=b"ready.", cpus=worker_cpus)
             try:
                 _drain(settings, factory, celery_app, storage, phase[f"warmup{tag}"], f"warmup{tag}", warmup_s)
                 return drain_runs(runs, per_run)
@@ -512,6 +563,7 @@ def run_bench(
         end_to_end_torch_img_s=round(e2e_torch, 2) if e2e_torch else None,
         end_to_end_faces_img_s=round(e2e_faces, 2) if e2e_faces else None, face_stage_images=face_images,
         worker_non_model_cpu_ms=round(e2e_cpu_ms["worker"] - model_cpu_ms, 2) if "worker" in e2e_cpu_ms else None,
+        worker_cpus=sorted(worker_cpus) if worker_cpus else None,
     )
 
 
@@ -666,6 +718,10 @@ def bench_command(
         False, "--services",
         help="With --worker-only: the configured database and S3 (else a moto_server started here) instead of SQLite and a folder.",
     ),
+    worker_cpus: str | None = typer.Option(
+        None, help="Pin the worker processes and the model-only phase to these CPUs (e.g. 0 or 0-3) and the bench, "
+        "moto_server and the API to the others, so the S3 server does not share the worker's cores (Linux).",
+    ),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print
@@ -679,7 +735,7 @@ def bench_command(
         return
     result = run_bench(
         images, unbatched_images, latency_seconds, rate, model_seconds, images_from, progress=say, log_dir=log_dir,
-        repeats=repeats,
+        repeats=repeats, worker_cpus=parse_cpu_list(worker_cpus) if worker_cpus else None,
     )
     if as_json:
         print(json.dumps(result.__dict__, sort_keys=True))
@@ -705,6 +761,9 @@ def bench_command(
             f"  model-only {name}", f"{img_s:.1f} img/s",
             (f"batch 1: {batch1:.1f} img/s" if batch1 else "") + versus + (" (default)" if name == result.backend else ""),
         )
+    if result.worker_cpus:
+        table.add_row("worker pinned to CPUs", ",".join(map(str, result.worker_cpus)),
+                      "--worker-cpus: the bench, moto_server and the API on the others; database and broker not moved")
     def spread(runs: list) -> str:
         return f"median of {len(runs)}: {min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else "one run"
 

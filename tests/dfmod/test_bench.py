@@ -101,3 +101,31 @@ def test_the_bench_never_migrates_a_configured_database_it_says_to_run_dfmod_mig
         assert completed.returncode == 2, completed.stderr[-3000:]
         assert "run `dfmod migrate` first" in completed.stderr and "Traceback" not in completed.stderr
         assert migrate.current_revision(url) is None  # still the operator's to migrate
+
+
+def test_cpu_lists_parse_as_the_kernel_writes_them():
+    import typer
+
+    from dfmod.bench import parse_cpu_list
+
+    assert parse_cpu_list("0") == {0}
+    assert parse_cpu_list("0,2-4") == {0, 2, 3, 4}
+    for bad in ("", "a", "3-1", "1-", "-1"):
+        with pytest.raises(typer.BadParameter):
+            parse_cpu_list(bad)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_a_pinned_bench_process_runs_on_its_cpus_and_the_bench_keeps_its_own(tmp_path):
+    from dfmod.bench import _Process
+
+    mine = os.sched_getaffinity(0)
+    worker_cpu = {min(mine)}
+    script = "import os, pathlib, time; pathlib.Path(os.environ['OUT']).write_text(repr(sorted(os.sched_getaffinity(0)))); print('ready.', flush=True); time.sleep(30)"
+    child = _Process([sys.executable, "-c", script, "child"], {**os.environ, "OUT": str(tmp_path / "cpus")},
+                     tmp_path / "child.log", ready=b"ready.", cpus=worker_cpu)
+    try:
+        assert (tmp_path / "cpus").read_text() == repr(sorted(worker_cpu))
+        assert os.sched_getaffinity(0) == mine  # the parent's mask is restored
+    finally:
+        child.stop()
