@@ -420,6 +420,8 @@ def run_bench(
     base = Settings()
     others = None
     if worker_cpus:
+        if not hasattr(os, "sched_setaffinity"):
+            raise typer.BadParameter("--worker-cpus needs Linux (sched_setaffinity)")
         available = os.sched_getaffinity(0)
         others = available - worker_cpus
         if not worker_cpus <= available or not others:

@@ -304,7 +304,7 @@ def decode_jpeg_scaled(
 
     The bytes pass the checks of :func:`decode_image` first (limits, marker walk, scan size), which raise
     :class:`ImageRejected` as there. The decode itself is strict: any libjpeg warning (a scan cut short, a
-    marker inside scan data, stray bytes) raises, and then, as for CMYK, MPO files or an unreadable EXIF
+    marker inside scan data) raises, and then, as for CMYK, MPO files or an unreadable EXIF
     block, this returns None so that :func:`decode_image` decodes the file or rejects it with its reason.
     So a file is accepted or rejected exactly as before; only clean files take this path.
     """

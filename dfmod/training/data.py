@@ -14,12 +14,13 @@ name), and :func:`balanced_weights` gives each (domain, label) the same share of
 data set's quirks (size, sharpness, compression) nor a one-label source becomes the real/fake cue.
 
 Validation images go through :func:`dfmod.detector.load_pixels`, the worker's own path (libjpeg-turbo's DCT
-scaling for clean JPEGs), so the epoch chosen is judged on what the service will see. Training images go
-through :func:`dfmod.imaging.decode_image` and :func:`dfmod.detector.to_pixels` (Pillow: the augmentation
-works on its images; scripts/compare_decoders.py measures the two decoders' agreement); training applies its augmentation to those pixels and
-both datasets normalise with :func:`dfmod.torch_model.normalised_tensor`, the arithmetic of the serving
-module that the exported models carry, so the only difference between training and serving is the
-augmentation itself.
+scaling for clean JPEGs), so the epoch chosen is judged on what the service will see. Training images are
+decoded by :func:`dfmod.imaging.decode_image` (Pillow, whose images the augmentation works on;
+``scripts/compare_decoders.py`` measures how far the two decoders' verdicts differ) and resized by
+:func:`dfmod.detector.resize_for_model`; training applies its augmentation to those pixels and both
+datasets normalise with :func:`dfmod.torch_model.normalised_tensor`, the arithmetic of the serving module
+that the exported models carry, so what differs between training and serving is the augmentation and, for
+256-px JPEGs, the decoder's resampling (within the model card's acceptance rule).
 """
 
 from __future__ import annotations
