@@ -204,6 +204,15 @@ def _check_jpeg_scan_size(scan: _JpegScan, width: int, height: int) -> None:
         )
 
 
+def _checked_jpeg_scan(data: bytes, width: int, height: int) -> _JpegScan:
+    """The JPEG's first scan, or :class:`ImageRejected` if its markers are malformed or it is too short."""
+    scan = _jpeg_scan(data)
+    if scan is None:
+        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
+    _check_jpeg_scan_size(scan, width, height)
+    return scan
+
+
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open untrusted bytes lazily (header only) and enforce the byte, format and dimension limits."""
     if not data:
@@ -267,10 +276,7 @@ def decode_image(
     """
     image = _open(data, limits)
     if image.format in ("JPEG", "MPO"):
-        scan = _jpeg_scan(data)
-        if scan is None:
-            raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
-        _check_jpeg_scan_size(scan, *image.size)
+        scan = _checked_jpeg_scan(data, *image.size)
         # (An MPO's later pictures follow its first one's end-of-image marker: leave those files whole.)
         if scan.scans == 1 and image.format == "JPEG":
             # See the module docstring: a cut scan must run out of data rather than meet a marker.
@@ -318,10 +324,7 @@ def decode_jpeg_scaled(
             orientation = image.getexif().get(0x0112, 1)
         except Exception:  # noqa: BLE001 - a malformed EXIF block, whatever it raises: Pillow's path decides
             return None
-    scan = _jpeg_scan(data)
-    if scan is None:
-        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
-    _check_jpeg_scan_size(scan, width, height)
+    _checked_jpeg_scan(data, width, height)
     min_width, min_height = target
     if orientation in _TRANSPOSING_ORIENTATIONS:  # the target applies to the picture as displayed
         min_width, min_height = min_height, min_width
