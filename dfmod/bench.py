@@ -411,7 +411,6 @@ def run_bench(
 ) -> BenchResult:
     """The whole bench. ``worker_cpus``: pin the worker processes and the model-only phase to those CPUs and this
     process, moto_server and the API to the others (the database and broker are the operator's: not moved)."""
-    from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory
     from dfmod.queue import make_celery
     from dfmod.settings import Settings
@@ -444,10 +443,7 @@ def run_bench(
         if base.broker_url:
             overrides["queue"] = f"dfmod-bench-{uuid.uuid4().hex[:6]}"  # never mix with a live queue
         settings = Settings(**{**base.model_dump(), **overrides})
-        if not base.database_url:
-            migrate.upgrade(settings)
-        else:
-            _require_current_schema(settings.resolved_database_url)
+        _ready_database(settings, throwaway=not base.database_url)
         storage = make_storage(settings)
         if overrides.get("storage_url"):
             storage.client.create_bucket(Bucket=settings.upload_bucket)
@@ -569,11 +565,15 @@ def run_bench(
     )
 
 
-def _require_current_schema(database_url: str) -> None:
-    """A configured database is the operator's: the bench never migrates it, it says what to run instead."""
+def _ready_database(settings, throwaway: bool) -> None:
+    """Migrate the bench's own throw-away SQLite; a configured database is the operator's: the bench never
+    migrates it, it stops and says what to run instead."""
     from dfmod import migrate
 
-    revision = migrate.current_revision(database_url)
+    if throwaway:
+        migrate.upgrade(settings)
+        return
+    revision = migrate.current_revision(settings.resolved_database_url)
     state = migrate.schema_state(revision)
     if state is not migrate.SchemaState.current:
         what = "was migrated by a newer release" if state is migrate.SchemaState.ahead else "run `dfmod migrate` first"
@@ -623,7 +623,6 @@ def run_worker_only(
     """
     import cProfile
 
-    from dfmod import migrate
     from dfmod.db import make_engine, make_session_factory, session_scope
     from dfmod.detector import Predictor
     from dfmod.lifecycle import NewItem, record_items
@@ -646,10 +645,7 @@ def run_worker_only(
             else:
                 overrides.update(_moto_storage(stack))
         settings = Settings(**{**base.model_dump(), **overrides})
-        if "database_url" in overrides:
-            migrate.upgrade(settings)  # the bench's own throw-away SQLite
-        else:
-            _require_current_schema(settings.resolved_database_url)
+        _ready_database(settings, throwaway="database_url" in overrides)
         storage = make_storage(settings)
         if services and not base.storage_is_s3:
             storage.client.create_bucket(Bucket=settings.upload_bucket)
