@@ -15,14 +15,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from glob import glob
 from pathlib import Path
 
-from dfmod.loopback import child_preexec, free_port, wait_for_port
+from dfmod.loopback import child_preexec, free_port, moto_command, wait_for_port
 
 
 class TcpProxy:
@@ -193,13 +192,9 @@ class PrivatePostgres:
 
 class StallableS3:
     def __init__(self) -> None:
-        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-        if executable is None:
-            raise RuntimeError("moto_server is not installed")
         self.port = free_port()
         self.process = subprocess.Popen(
-            [executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=child_preexec(),
+            moto_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec()
         )
         wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
