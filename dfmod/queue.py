@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from dfmod import redis_broker
 from dfmod.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ EVENT_TASKS = (CALLBACK_TASK, HEATMAP_TASK)
 
 
 def make_celery(settings: Settings) -> Celery:
+    if not settings.broker_is_embedded:
+        redis_broker.install()
     app = Celery("dfmod", broker=settings.resolved_broker_url, set_as_current=False)
     if settings.broker_is_embedded:
         folder = settings.broker_folder

@@ -8,7 +8,8 @@ flush rule could only be changed through its private methods. The guarantees are
 * **flush on time**: a partial buffer goes once it has waited ``max_wait`` *and* a pool slot is free, so
   under load batches fill up and with a trickle of traffic a message waits about ``max_wait``;
 * **acks after persist**: messages are acknowledged after the batch function returned (its results are in
-  the database); if it raises, they are rejected back to the queue;
+  the database), on Redis in one round trip (:func:`dfmod.redis_broker.batched_acks`); if it raises, they
+  are rejected back to the queue;
 * **bounded prefetch**: the worker's prefetch count (``worker_prefetch_multiplier``, set to the batch size
   in :mod:`dfmod.queue`) bounds the buffer; countdown (ETA) messages do not take a slot while they wait.
 
@@ -30,6 +31,8 @@ from time import monotonic
 from typing import Any
 
 from celery import Task
+
+from dfmod.redis_broker import batched_acks
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +149,15 @@ class BatchingTask(Task):
                 settle = [entry.requeue for entry in batch]
             else:
                 settle = [entry.ack for entry in batch]
-            for call in settle:
-                try:
-                    call()
-                except Exception:  # a message of a dead channel: Redis redelivers it
-                    logger.debug("could not settle a message", exc_info=True)
+            try:
+                with batched_acks():  # on Redis: one round trip for the batch's acks
+                    for call in settle:
+                        try:
+                            call()
+                        except Exception:  # a message of a dead channel: Redis redelivers it
+                            logger.debug("could not settle a message", exc_info=True)
+            except Exception:  # the batch's acks did not reach Redis: it redelivers them
+                logger.warning("could not acknowledge a batch of %d; Redis will redeliver it", len(batch), exc_info=True)
         finally:
             with self._lock:
                 self._in_flight = max(0, self._in_flight - 1)

@@ -1,0 +1,116 @@
+"""dfmod.redis_broker on a real Redis: Celery gets the transport, a batch's acks are one round trip, nothing
+is acknowledged before Redis has it, and the channel's shared client follows a reconnect."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Queue
+
+from dfmod import redis_broker
+from dfmod.queue import make_celery
+from dfmod.settings import Settings
+
+QUEUE = Queue("dfmod-test-acks", Exchange("dfmod-test-acks", type="direct"), routing_key="dfmod-test-acks")
+
+
+def _deliver(url: str):
+    """(channel, messages): 40 messages published and received over ``url``, none acknowledged yet."""
+    redis_broker.install()
+    with Connection(url) as connection:
+        channel = connection.channel()
+        producer = connection.Producer(channel)
+        for index in range(40):
+            producer.publish({"index": index}, exchange=QUEUE.exchange, routing_key=QUEUE.routing_key, declare=[QUEUE])
+        messages = []
+        channel.basic_qos(0, 100, False)
+        with connection.Consumer(QUEUE, channel=channel, callbacks=[lambda _body, message: messages.append(message)]):
+            while len(messages) < 40:
+                connection.drain_events(timeout=5)
+            yield channel, messages
+
+
+@pytest.fixture
+def delivered(redis_url):
+    yield from _deliver(redis_url)
+
+
+@pytest.fixture
+def delivered_to_a_user_who_cannot_ack(redis_url):
+    """As ``delivered``, over a Redis user whose ACL refuses ZREM: every acknowledgement fails in Redis."""
+    admin = redis.Redis.from_url(redis_url)
+
+    def user(*commands: str) -> None:
+        admin.acl_setuser("dfmod-no-acks", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                          commands=list(commands), reset=True)
+
+    user("+@all", "-zrem")
+    host, database = redis_url.rsplit("/", 1)
+    deliveries = _deliver(host.replace("redis://", "redis://dfmod-no-acks:pw@") + f"/{database}")
+    try:
+        yield next(deliveries)
+    finally:
+        user("+@all")  # so that closing the channel can put the unacked messages back
+        deliveries.close()
+        admin.acl_deluser("dfmod-no-acks")
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_celery_on_redis_gets_dfmods_transport_and_keeps_rediss_defaults(redis_url):
+    app = make_celery(Settings(broker_url=redis_url))
+    assert isinstance(app.connection_for_write().transport, redis_broker.Transport)
+    tls = make_celery(Settings(broker_url="rediss://:secret@redis.example.internal:6380/0")).connection_for_write()
+    assert tls.transport_cls == "rediss" and issubclass(tls.get_transport_cls(), redis_broker.Transport)
+    assert tls.ssl == {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's own rediss default, unchanged
+
+
+def test_the_acks_of_a_batch_reach_redis_in_one_round_trip(delivered, redis_url):
+    channel, messages = delivered
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen("unacked") == 40
+    zrem_before, exec_before = _calls(client, "zrem"), _calls(client, "exec")
+    with redis_broker.batched_acks():
+        for message in messages:
+            message.ack()
+        assert client.hlen("unacked") == 40  # deferred: nothing is gone before the block ends
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    assert _calls(client, "zrem") - zrem_before == 1
+    assert _calls(client, "exec") - exec_before == 1
+    assert all(message.acknowledged for message in messages)
+    channel.qos._flush()
+    assert not channel.qos._delivered  # the prefetch slots are free again
+
+
+def test_acks_outside_a_batch_are_sent_at_once(delivered, redis_url):
+    _channel, messages = delivered
+    client = redis.Redis.from_url(redis_url)
+    messages[0].ack()
+    assert client.hlen("unacked") == 39
+    assert not client.hexists("unacked", messages[0].delivery_tag)
+
+
+def test_a_batch_whose_acks_fail_stays_unacked_in_redis(delivered_to_a_user_who_cannot_ack, redis_url):
+    channel, messages = delivered_to_a_user_who_cannot_ack
+    client = redis.Redis.from_url(redis_url)
+    with pytest.raises(redis.exceptions.NoPermissionError), redis_broker.batched_acks():
+        for message in messages[:32]:
+            message.ack()
+    # Still in Redis's unacked set, for kombu to restore after the visibility timeout and redeliver;
+    # and still holding their prefetch slots in this process.
+    assert client.hlen("unacked") == 40
+    channel.qos._flush()
+    assert len(channel.qos._delivered) == 40
+
+
+def test_the_channel_shares_one_client_per_connection_pool(delivered):
+    channel, _messages = delivered
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+    channel._disconnect_pools()  # what kombu does on a reconnect
+    with channel.conn_or_acquire() as after:
+        assert after is not first and after.connection_pool is channel.pool
