@@ -131,8 +131,11 @@ class CpuMeter:
         if process.pid in self.roles:
             return self.roles[process.pid]
         command = " ".join(process.cmdline() or [process.name()])
-        for needle, role in (("moto_server", "s3 server"), ("postgres", "database"), ("redis-server", "broker")):
-            if needle in command:
+        # moto's server runs as moto_server, or as python -c with moto.server's main (dfmod.loopback).
+        for needles, role in (
+            (("moto_server", "moto.server"), "s3 server"), (("postgres",), "database"), (("redis-server",), "broker"),
+        ):
+            if any(needle in command for needle in needles):
                 return role
         return "other"
 
