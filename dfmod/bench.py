@@ -15,7 +15,9 @@ The throughput phases drain ``repeats`` backlogs and report the median; during t
 bench also adds up the CPU time of every process on the machine by role (worker, S3 server, database,
 broker), because on a machine that hosts them all that, not the model alone, is what bounds throughput.
 ``worker_non_model_cpu_ms`` is the worker's CPU per image minus the forward pass's (model-only, same
-backend and batch): fetch, hash, decode, resize, Celery and SQL. The end-to-end drain is repeated with a
+backend and batch, measured once before and once right after the end-to-end drains, the mean of the two:
+a VM's speed drifts within minutes, and a forward pass timed only at the start would be charged at another
+speed than the drains ran at): fetch, hash, decode, resize, Celery and SQL. The end-to-end drain is repeated with a
 ``torch`` worker (``end_to_end_torch_img_s``) so the backends compare in one run.
 
 ``dfmod bench --worker-only`` drives the :class:`~worker.classify.BatchClassifier` in this process from local
@@ -66,8 +68,10 @@ class BenchResult:
     latency_rate_img_s: float
     latency_samples: int
     backends: dict
-    #: CPU milliseconds per image of the forward pass alone (the model-only run, all its threads).
+    #: CPU milliseconds per image of the forward pass alone (all its threads; the mean of ``model_cpu_ms_runs``).
     model_cpu_ms: float = 0.0
+    #: The forward pass's CPU per image measured before and right after the end-to-end drains.
+    model_cpu_ms_runs: list = field(default_factory=list)
     #: CPU milliseconds per image spent by each role on this machine during the end-to-end runs.
     end_to_end_cpu_ms: dict = field(default_factory=dict)
     #: Drains per phase: the throughputs above are the medians of these runs.
@@ -266,6 +270,17 @@ def serving_candidates(checkpoint) -> list[tuple[str, str]]:
             continue
         found.append((backend, precision))
     return found
+
+
+def _forward_cpu_ms(settings, batch_size: int, seconds: float) -> float:
+    """CPU ms per image of the default backend's forward pass, measured now."""
+    from dfmod.detector import Predictor
+
+    predictor = Predictor(
+        settings.checkpoint, backend=settings.backend, precision=settings.precision, device=settings.device,
+        torch_threads=settings.torch_threads,
+    )
+    return _throughput(predictor, batch_size, seconds)[1]
 
 
 def _model_only(settings, batch_size: int, seconds: float, progress=print) -> dict:
@@ -506,6 +521,9 @@ def run_bench(
             e2e_runs = drain_runs("e2e", images, meter)
             e2e_cpu_ms = meter.per_image(images * repeats)
             e2e_img_s = statistics.median(e2e_runs)
+            with _pinned(worker_cpus):  # the forward pass again, at the speed the drains just ran at
+                model_cpu_runs = [model_cpu_ms, _forward_cpu_ms(settings, settings.batch_size, max(1.0, model_seconds / 2))]
+            model_cpu_ms = statistics.mean(model_cpu_runs)
 
             progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
             # A quarter of the drain rate (at most 10/s): the API shares the cores with the worker and S3 here.
@@ -556,7 +574,8 @@ def run_bench(
         unbatched_img_s=round(statistics.median(unbatched_runs), 2), p50_ms=round(percentile(latencies, 50), 1),
         p99_ms=round(percentile(latencies, 99), 1), batch_size=settings.batch_size, device=device, images=images,
         unbatched_images=unbatched_images, latency_rate_img_s=offered, latency_samples=len(latencies), backends=backends,
-        model_cpu_ms=round(model_cpu_ms, 2), end_to_end_cpu_ms=e2e_cpu_ms, repeats=repeats,
+        model_cpu_ms=round(model_cpu_ms, 2), model_cpu_ms_runs=[round(x, 2) for x in model_cpu_runs],
+        end_to_end_cpu_ms=e2e_cpu_ms, repeats=repeats,
         end_to_end_runs_img_s=[round(x, 2) for x in e2e_runs], unbatched_runs_img_s=[round(x, 2) for x in unbatched_runs],
         backend=model["backend"], backend_reason=model["reason"],
         model_only_by_backend={k: round(v, 2) for k, v in model["by_backend"].items()},
@@ -791,7 +810,9 @@ def bench_command(
     table.add_row("upload→verdict p99", f"{result.p99_ms:.0f} ms", "")
     cpu_total = sum(result.end_to_end_cpu_ms.values())
     table.add_row(
-        "CPU per image, model-only", f"{result.model_cpu_ms:.2f} ms", "the forward pass alone, all torch threads"
+        "CPU per image, model-only", f"{result.model_cpu_ms:.2f} ms",
+        "the forward pass alone, all its threads; mean of before and after the end-to-end drains "
+        f"({' / '.join(f'{x:.2f}' for x in result.model_cpu_ms_runs)})",
     )
     table.add_row(
         "CPU per image, end-to-end", f"{cpu_total:.2f} ms",

@@ -37,7 +37,8 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     assert min(result["end_to_end_runs_img_s"]) <= result["end_to_end_img_s"] <= max(result["end_to_end_runs_img_s"])
     assert result["batch_size"] == 8 and result["device"] == "cpu"
     assert result["backends"] == {"database": "sqlite", "broker": "filesystem", "storage": "s3 (moto_server)"}
-    assert result["model_cpu_ms"] > 0
+    assert result["model_cpu_ms"] > 0 and len(result["model_cpu_ms_runs"]) == 2
+    assert result["model_cpu_ms"] == pytest.approx(sum(result["model_cpu_ms_runs"]) / 2, abs=0.02)
     # The worker and the S3 server it read from both did measurable work for each image.
     assert result["end_to_end_cpu_ms"]["worker"] > result["model_cpu_ms"] * 0.5
     assert result["end_to_end_cpu_ms"]["s3 server"] > 0
