@@ -272,15 +272,14 @@ def serving_candidates(checkpoint) -> list[tuple[str, str]]:
     return found
 
 
-def _forward_cpu_ms(settings, batch_size: int, seconds: float) -> float:
-    """CPU ms per image of the default backend's forward pass, measured now."""
+def _default_predictor(settings):
+    """The predictor the worker would load: the configured (or auto) backend and precision."""
     from dfmod.detector import Predictor
 
-    predictor = Predictor(
+    return Predictor(
         settings.checkpoint, backend=settings.backend, precision=settings.precision, device=settings.device,
         torch_threads=settings.torch_threads,
     )
-    return _throughput(predictor, batch_size, seconds)[1]
 
 
 def _model_only(settings, batch_size: int, seconds: float, progress=print) -> dict:
@@ -288,7 +287,7 @@ def _model_only(settings, batch_size: int, seconds: float, progress=print) -> di
     from dfmod.detector import Predictor
 
     common = dict(device=settings.device, torch_threads=settings.torch_threads)
-    default = Predictor(settings.checkpoint, backend=settings.backend, precision=settings.precision, **common)
+    default = _default_predictor(settings)
     img_s, cpu_ms = _throughput(default, batch_size, seconds)
     result = {
         "img_s": img_s, "cpu_ms": cpu_ms, "device": default.device, "backend": default.backend,
@@ -522,7 +521,8 @@ def run_bench(
             e2e_cpu_ms = meter.per_image(images * repeats)
             e2e_img_s = statistics.median(e2e_runs)
             with _pinned(worker_cpus):  # the forward pass again, at the speed the drains just ran at
-                model_cpu_runs = [model_cpu_ms, _forward_cpu_ms(settings, settings.batch_size, max(1.0, model_seconds / 2))]
+                after = _throughput(_default_predictor(settings), settings.batch_size, max(1.0, model_seconds / 2))[1]
+                model_cpu_runs = [model_cpu_ms, after]
             model_cpu_ms = statistics.mean(model_cpu_runs)
 
             progress(f"latency: uploads through the API at a fixed rate for {latency_seconds:.0f}s ...")
