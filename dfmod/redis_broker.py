@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kombu.transport import TRANSPORT_ALIASES
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 
 _deferred = threading.local()
@@ -93,4 +93,6 @@ class Transport(kombu_redis.Transport):
 def install() -> None:
     """Serve ``redis://`` and ``rediss://`` broker URLs with :class:`Transport` in this process."""
     for scheme in ("redis", "rediss"):
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        # kombu caches each name's class on first use: a name resolved before this call would keep kombu's.
+        getattr(kombu.transport, "_transport_cache", {}).pop(scheme, None)

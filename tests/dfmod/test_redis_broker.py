@@ -69,6 +69,16 @@ def test_celery_on_redis_gets_dfmods_transport_and_keeps_rediss_defaults(redis_u
     assert tls.ssl == {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's own rediss default, unchanged
 
 
+def test_install_takes_effect_even_after_kombu_resolved_the_scheme():
+    import kombu.transport
+
+    kombu.transport.TRANSPORT_ALIASES["redis"] = "kombu.transport.redis:Transport"
+    kombu.transport._transport_cache.pop("redis", None)
+    assert kombu.transport.get_transport_cls("redis") is kombu.transport.redis.Transport  # cached now
+    redis_broker.install()
+    assert kombu.transport.get_transport_cls("redis") is redis_broker.Transport
+
+
 def test_the_acks_of_a_batch_reach_redis_in_one_round_trip(delivered, redis_url):
     channel, messages = delivered
     client = redis.Redis.from_url(redis_url)
