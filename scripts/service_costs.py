@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""CPU per message of the Redis broker path and per GET of the test S3 server: the figures behind
+``dfmod.redis_broker`` and ``dfmod.loopback.moto_command`` (README, Benchmarks).
+
+    python scripts/service_costs.py [--redis redis://127.0.0.1:6379/0] [--messages 2000] [--gets 1000]
+
+Broker: ``--messages`` messages published, received and acknowledged through kombu's stock Redis transport,
+then through dfmod's (acknowledged 32 at a time inside ``batched_acks``, as the worker does); this process's
+CPU per message for each step. The queue is a throw-away one on the given Redis database.
+
+S3: moto_server started the stock way and through ``moto_command``, 64 objects of 30 KB, ``--gets`` GETs
+through obstore; the server process's CPU per GET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+
+import psutil
+
+
+def broker_costs(url: str, messages: int, dfmod_transport: bool) -> dict[str, float]:
+    import kombu.transport
+    from kombu import Connection, Exchange, Queue
+
+    from dfmod import redis_broker
+
+    if dfmod_transport:
+        redis_broker.install()
+    else:  # kombu's own, whatever ran before
+        kombu.transport.TRANSPORT_ALIASES["redis"] = "kombu.transport.redis:Transport"
+        kombu.transport._transport_cache.pop("redis", None)
+    name = f"dfmod-costs-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with Connection(url) as connection:
+        channel = connection.channel()
+        producer = connection.Producer(channel)
+        started = time.process_time()
+        for index in range(messages):
+            producer.publish({"index": index, "pad": "x" * 200}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        published = time.process_time()
+        received = []
+        channel.basic_qos(0, messages, False)
+        with connection.Consumer(queue, channel=channel, callbacks=[lambda _body, message: received.append(message)]):
+            while len(received) < messages:
+                connection.drain_events(timeout=5)
+            delivered = time.process_time()
+            if dfmod_transport:
+                for start in range(0, messages, 32):
+                    with redis_broker.batched_acks():
+                        for message in received[start : start + 32]:
+                            message.ack()
+            else:
+                for message in received:
+                    message.ack()
+            acked = time.process_time()
+        queue(channel).delete()
+    per = 1000.0 / messages
+    return {"publish": (published - started) * per, "receive": (delivered - published) * per, "ack": (acked - delivered) * per}
+
+
+@contextmanager
+def _server(command: list[str], port: int):
+    from dfmod.loopback import child_preexec, wait_for_port
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec())
+    try:
+        wait_for_port(port)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def s3_get_cost(command: list[str], port: int, gets: int) -> float:
+    import boto3
+    import obstore
+    from obstore.store import S3Store
+
+    endpoint, bucket, data = f"http://127.0.0.1:{port}", "dfmod-costs", os.urandom(30_000)
+    with _server(command, port) as process:
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        for index in range(64):
+            s3.put_object(Bucket=bucket, Key=f"k{index}", Body=data)
+        store = S3Store(bucket, endpoint=endpoint, access_key_id="x", secret_access_key="x", region="us-east-1",
+                        client_options={"allow_http": True})
+        server = psutil.Process(process.pid)
+        before = sum(server.cpu_times()[:2])
+        for index in range(gets):
+            assert len(obstore.get(store, f"k{index % 64}").bytes()) == len(data)
+        return 1000.0 * (sum(server.cpu_times()[:2]) - before) / gets
+
+
+def main() -> None:
+    from dfmod.loopback import free_port, moto_command
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--gets", type=int, default=1000)
+    args = parser.parse_args()
+
+    print("CPU ms per message    publish  receive  ack")
+    for label, ours in (("kombu's transport", False), ("dfmod.redis_broker", True)):
+        costs = broker_costs(args.redis, args.messages, ours)
+        print(f"{label:20s} {costs['publish']:8.3f} {costs['receive']:8.3f} {costs['ack']:6.3f}")
+
+    stock = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    print("moto CPU ms per 30 KB GET")
+    port = free_port()
+    print(f"  moto_server          {s3_get_cost([stock, '-H', '127.0.0.1', '-p', str(port)], port, args.gets):.2f}")
+    port = free_port()
+    print(f"  loopback.moto_command {s3_get_cost(moto_command(port), port, args.gets):.2f}")
+
+
+if __name__ == "__main__":
+    main()
