@@ -135,9 +135,9 @@ class CpuMeter:
         if process.pid in self.roles:
             return self.roles[process.pid]
         command = " ".join(process.cmdline() or [process.name()])
-        # moto's server runs as moto_server, or as python -c with moto.server's main (dfmod.loopback).
+        # moto's server runs as moto_server, or as dfmod.moto_main (dfmod.loopback.moto_command).
         for needles, role in (
-            (("moto_server", "moto.server"), "s3 server"), (("postgres",), "database"), (("redis-server",), "broker"),
+            (("moto_server", "dfmod.moto_main"), "s3 server"), (("postgres",), "database"), (("redis-server",), "broker"),
         ):
             if any(needle in command for needle in needles):
                 return role
