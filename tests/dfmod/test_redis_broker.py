@@ -5,6 +5,7 @@ registered as unacknowledged before delivery, and the channel's shared client fo
 from __future__ import annotations
 
 import ssl
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -127,89 +128,82 @@ def test_the_channel_shares_one_client_per_connection_pool(delivered):
         assert after is not first and after.connection_pool is channel.pool
 
 
-def _publish(connection, count: int) -> None:
-    producer = connection.Producer(connection.default_channel)
-    for index in range(count):
-        producer.publish({"index": index}, exchange=QUEUE.exchange, routing_key=QUEUE.routing_key, declare=[QUEUE])
+@contextmanager
+def _consuming(url: str, published: int, prefetch: int, on_message=None, blmpop: bool = True):
+    """(connection, channel, received): ``published`` messages on the queue, a consumer with ``prefetch`` slots
+    whose callback appends each message to ``received`` (then calls ``on_message``), nothing drained yet."""
+    redis_broker.install()
+    with Connection(url) as connection:
+        producer = connection.Producer(connection.default_channel)
+        for index in range(published):
+            producer.publish({"index": index}, exchange=QUEUE.exchange, routing_key=QUEUE.routing_key, declare=[QUEUE])
+        channel = connection.channel()
+        if not blmpop:
+            channel._has_blmpop = False  # as on a Redis older than 7
+        channel.basic_qos(0, prefetch, False)
+        received: list = []
+
+        def callback(_body, message):
+            received.append(message)
+            if on_message:
+                on_message(message)
+
+        with connection.Consumer(QUEUE, channel=channel, callbacks=[callback]):
+            yield connection, channel, received
 
 
 def test_a_burst_is_popped_in_one_round_trip_and_registered_before_delivery(redis_url):
-    redis_broker.install()
     client = redis.Redis.from_url(redis_url)
-    with Connection(redis_url) as connection:
-        _publish(connection, 40)
-        channel = connection.channel()
-        channel.basic_qos(0, 100, False)
-        unacked_when_delivered = []
+    unacked_when_delivered = []
 
-        def on_message(_body, message):
-            unacked_when_delivered.append(client.hexists("unacked", message.delivery_tag))
-            received.append(message)
+    def note_whether_unacked(message) -> None:
+        unacked_when_delivered.append(client.hexists("unacked", message.delivery_tag))
 
-        received: list = []
+    with _consuming(redis_url, 40, 100, note_whether_unacked) as (connection, channel, received):
         blmpop_before, brpop_before = _calls(client, "blmpop"), _calls(client, "brpop")
-        with connection.Consumer(QUEUE, channel=channel, callbacks=[on_message]):
-            connection.drain_events(timeout=5)
-            assert len(received) == 40  # one read, the whole burst
-            assert _calls(client, "blmpop") - blmpop_before == 1 and _calls(client, "brpop") == brpop_before
-            assert all(unacked_when_delivered)
-            assert [message.payload["index"] for message in received] == list(range(40))  # queue order kept
-            # kombu's own format in the unacked hash: its restore (a worker's shutdown) puts them all back.
-            channel.qos.restore_unacked()
-        assert client.llen(QUEUE.name) == 40 and client.hlen("unacked") == 0
+        connection.drain_events(timeout=5)
+        assert len(received) == 40  # one read, the whole burst
+        assert _calls(client, "blmpop") - blmpop_before == 1 and _calls(client, "brpop") == brpop_before
+        assert all(unacked_when_delivered)
+        assert [message.payload["index"] for message in received] == list(range(40))  # queue order kept
+        # kombu's own format in the unacked hash: its restore (a worker's shutdown) puts them all back.
+        channel.qos.restore_unacked()
+    assert client.llen(QUEUE.name) == 40 and client.hlen("unacked") == 0
 
 
 def test_a_pop_takes_no_more_than_the_free_prefetch_slots(redis_url):
-    redis_broker.install()
     client = redis.Redis.from_url(redis_url)
-    with Connection(redis_url) as connection:
-        _publish(connection, 40)
-        channel = connection.channel()
-        channel.basic_qos(0, 8, False)
-        received: list = []
-        with connection.Consumer(QUEUE, channel=channel, callbacks=[lambda _body, message: received.append(message)]):
-            connection.drain_events(timeout=5)
-            assert len(received) == 8 and client.llen(QUEUE.name) == 32 and client.hlen("unacked") == 8
-            received[0].ack()
-            received[1].ack()
-            connection.drain_events(timeout=5)
-            assert len(received) == 10  # two slots freed, two more popped
-            assert client.llen(QUEUE.name) == 30
+    with _consuming(redis_url, 40, 8) as (connection, _channel, received):
+        connection.drain_events(timeout=5)
+        assert len(received) == 8 and client.llen(QUEUE.name) == 32 and client.hlen("unacked") == 8
+        received[0].ack()
+        received[1].ack()
+        connection.drain_events(timeout=5)
+        assert len(received) == 10  # two slots freed, two more popped
+        assert client.llen(QUEUE.name) == 30
 
 
 def test_when_a_delivery_raises_the_undelivered_rest_go_back_on_the_queue(redis_url):
-    redis_broker.install()
     client = redis.Redis.from_url(redis_url)
-    with Connection(redis_url) as connection:
-        _publish(connection, 10)
-        channel = connection.channel()
-        channel.basic_qos(0, 100, False)
-        received: list = []
+    delivered = []
 
-        def on_message(_body, message):
-            received.append(message)
-            if len(received) == 3:
-                raise RuntimeError("consumer broke")
+    def break_on_the_third(message) -> None:
+        delivered.append(message)
+        if len(delivered) == 3:
+            raise RuntimeError("consumer broke")
 
-        with connection.Consumer(QUEUE, channel=channel, callbacks=[on_message]):
-            with pytest.raises(RuntimeError, match="consumer broke"):
-                connection.drain_events(timeout=5)
-            # The three delivered ones are kombu's (unacked, restored at its shutdown); the other seven are queued.
-            assert client.llen(QUEUE.name) == 7 and client.hlen("unacked") == 3
-            assert len(channel.qos._delivered) == 3 and not channel.qos._registered
+    with _consuming(redis_url, 10, 100, break_on_the_third) as (connection, channel, _received):
+        with pytest.raises(RuntimeError, match="consumer broke"):
+            connection.drain_events(timeout=5)
+        # The three delivered ones are kombu's (unacked, restored at its shutdown); the other seven are queued.
+        assert client.llen(QUEUE.name) == 7 and client.hlen("unacked") == 3
+        assert len(channel.qos._delivered) == 3 and not channel.qos._registered
 
 
 def test_without_blmpop_each_message_is_its_own_brpop(redis_url):
-    redis_broker.install()
     client = redis.Redis.from_url(redis_url)
-    with Connection(redis_url) as connection:
-        _publish(connection, 5)
-        channel = connection.channel()
-        channel._has_blmpop = False  # as on a Redis older than 7
-        channel.basic_qos(0, 100, False)
-        received: list = []
+    with _consuming(redis_url, 5, 100, blmpop=False) as (connection, _channel, received):
         brpop_before, blmpop_before = _calls(client, "brpop"), _calls(client, "blmpop")
-        with connection.Consumer(QUEUE, channel=channel, callbacks=[lambda _body, message: received.append(message)]):
-            while len(received) < 5:
-                connection.drain_events(timeout=5)
-        assert _calls(client, "brpop") - brpop_before == 5 and _calls(client, "blmpop") == blmpop_before
+        while len(received) < 5:
+            connection.drain_events(timeout=5)
+    assert _calls(client, "brpop") - brpop_before == 5 and _calls(client, "blmpop") == blmpop_before
