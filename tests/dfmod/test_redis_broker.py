@@ -1,9 +1,11 @@
 """dfmod.redis_broker on a real Redis: Celery gets the transport, a batch's acks are one round trip, nothing
 is acknowledged before Redis has it, a burst is popped in one round trip within the prefetch limit and
-registered as unacknowledged before delivery, and the channel's shared client follows a reconnect."""
+registered as unacknowledged before delivery (or pushed back when Redis refuses that), and the channel's shared
+client follows a reconnect."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from contextlib import contextmanager
 
@@ -207,3 +209,23 @@ def test_without_blmpop_each_message_is_its_own_brpop(redis_url):
         while len(received) < 5:
             connection.drain_events(timeout=5)
     assert _calls(client, "brpop") - brpop_before == 5 and _calls(client, "blmpop") == blmpop_before
+
+
+def test_a_burst_redis_will_not_register_goes_back_on_the_queue(redis_url):
+    """Popped but not recorded as unacknowledged (a Redis user whose ACL refuses HSET): nothing is delivered,
+    and the burst is pushed back instead of being lost."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_setuser("dfmod-no-register", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-hset"], reset=True)
+    host, database = redis_url.rsplit("/", 1)
+    url = host.replace("redis://", "redis://dfmod-no-register:pw@") + f"/{database}"
+    try:
+        with _consuming(url, 12, 100) as (connection, channel, received):
+            with pytest.raises(redis.exceptions.RedisError):
+                connection.drain_events(timeout=5)
+            assert received == [] and not channel.qos._registered
+            assert admin.llen(QUEUE.name) == 12 and admin.hlen("unacked") == 0
+            bodies = [json.loads(raw)["body"] for raw in admin.lrange(QUEUE.name, 0, -1)]
+            assert len(set(bodies)) == 12  # each message once
+    finally:
+        admin.acl_deluser("dfmod-no-register")
