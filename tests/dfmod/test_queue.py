@@ -13,6 +13,7 @@ from kombu.exceptions import KombuError
 
 from dfmod.queue import CLASSIFY_TASK, enqueue, make_celery
 from dfmod.settings import Settings
+from tests.utils.faults import RedisUserWithout
 
 
 def _tasks_on_redis(client: redis.Redis, queue: str) -> list[tuple[str, list, dict]]:
@@ -60,12 +61,8 @@ def test_enqueue_on_the_embedded_broker_sends_every_task(tmp_path):
 
 @pytest.fixture
 def redis_user_who_cannot_push(redis_url):
-    admin = redis.Redis.from_url(redis_url)
-    admin.acl_setuser("dfmod-no-push", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                      commands=["+@all", "-lpush"], reset=True)
-    host, database = redis_url.rsplit("/", 1)
-    yield host.replace("redis://", "redis://dfmod-no-push:pw@") + f"/{database}"
-    admin.acl_deluser("dfmod-no-push")
+    with RedisUserWithout(redis_url, "dfmod-no-push", "lpush") as user:
+        yield user.url
 
 
 def test_a_publish_batch_redis_refuses_is_raised_to_the_caller(redis_user_who_cannot_push, redis_url):

@@ -16,6 +16,7 @@ from kombu import Connection, Exchange, Queue
 from dfmod import redis_broker
 from dfmod.queue import make_celery
 from dfmod.settings import Settings
+from tests.utils.faults import RedisUserWithout
 
 QUEUE = Queue("dfmod-test-acks", Exchange("dfmod-test-acks", type="direct"), routing_key="dfmod-test-acks")
 
@@ -44,21 +45,13 @@ def delivered(redis_url):
 @pytest.fixture
 def delivered_to_a_user_who_cannot_ack(redis_url):
     """As ``delivered``, over a Redis user whose ACL refuses ZREM: every acknowledgement fails in Redis."""
-    admin = redis.Redis.from_url(redis_url)
-
-    def user(*commands: str) -> None:
-        admin.acl_setuser("dfmod-no-acks", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                          commands=list(commands), reset=True)
-
-    user("+@all", "-zrem")
-    host, database = redis_url.rsplit("/", 1)
-    deliveries = _deliver(host.replace("redis://", "redis://dfmod-no-acks:pw@") + f"/{database}")
-    try:
-        yield next(deliveries)
-    finally:
-        user("+@all")  # so that closing the channel can put the unacked messages back
-        deliveries.close()
-        admin.acl_deluser("dfmod-no-acks")
+    with RedisUserWithout(redis_url, "dfmod-no-acks", "zrem") as user:
+        deliveries = _deliver(user.url)
+        try:
+            yield next(deliveries)
+        finally:
+            user.allow_everything()  # so that closing the channel can put the unacked messages back
+            deliveries.close()
 
 
 def _calls(client: redis.Redis, command: str) -> int:
@@ -215,17 +208,11 @@ def test_a_burst_redis_will_not_register_goes_back_on_the_queue(redis_url):
     """Popped but not recorded as unacknowledged (a Redis user whose ACL refuses HSET): nothing is delivered,
     and the burst is pushed back instead of being lost."""
     admin = redis.Redis.from_url(redis_url)
-    admin.acl_setuser("dfmod-no-register", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                      commands=["+@all", "-hset"], reset=True)
-    host, database = redis_url.rsplit("/", 1)
-    url = host.replace("redis://", "redis://dfmod-no-register:pw@") + f"/{database}"
-    try:
-        with _consuming(url, 12, 100) as (connection, channel, received):
+    with RedisUserWithout(redis_url, "dfmod-no-register", "hset") as user:
+        with _consuming(user.url, 12, 100) as (connection, channel, received):
             with pytest.raises(redis.exceptions.RedisError):
                 connection.drain_events(timeout=5)
             assert received == [] and not channel.qos._registered
             assert admin.llen(QUEUE.name) == 12 and admin.hlen("unacked") == 0
             bodies = [json.loads(raw)["body"] for raw in admin.lrange(QUEUE.name, 0, -1)]
             assert len(set(bodies)) == 12  # each message once
-    finally:
-        admin.acl_deluser("dfmod-no-register")

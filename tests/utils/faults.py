@@ -6,6 +6,8 @@
 * :class:`PrivateRedis` is a ``redis-server`` of the test's own on a free port, restartable empty.
 * :class:`PrivatePostgres` is a throwaway cluster (initdb + pg_ctl) on a free port, restartable.
 * :class:`StallableS3` is a moto S3 server whose process can be stopped and continued (SIGSTOP/SIGCONT).
+* :class:`RedisUserWithout` is an ACL user of the shared Redis that may run every command but the named
+  ones: a broker that refuses one step (an ack, a publish, a registration) while the rest works.
 """
 
 from __future__ import annotations
@@ -210,3 +212,34 @@ class StallableS3:
         self.process.send_signal(signal.SIGCONT)
         self.process.terminate()
         self.process.wait(timeout=20)
+
+
+class RedisUserWithout:
+    """A Redis ACL user allowed every command but ``denied`` (e.g. ``"zrem"``); ``url`` connects as it.
+
+    A context manager: the user is deleted on exit. ``allow_everything()`` lifts the restriction early (so
+    that clean-up through the same user, such as kombu restoring unacked messages, can work).
+    """
+
+    def __init__(self, redis_url: str, name: str, *denied: str) -> None:
+        import redis
+
+        self.admin = redis.Redis.from_url(redis_url)
+        self.name = name
+        host, database = redis_url.rsplit("/", 1)
+        self.url = host.replace("redis://", f"redis://{name}:pw@") + f"/{database}"
+        self._set("+@all", *(f"-{command}" for command in denied))
+
+    def _set(self, *commands: str) -> None:
+        self.admin.acl_setuser(self.name, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                               commands=list(commands), reset=True)
+
+    def allow_everything(self) -> None:
+        self._set("+@all")
+
+    def __enter__(self) -> RedisUserWithout:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.admin.acl_deluser(self.name)
+        self.admin.close()
