@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 from celery import Celery
 
-from dfmod import redis_broker
+from dfmod import filesystem_broker, redis_broker
 from dfmod.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ EVENT_TASKS = (CALLBACK_TASK, HEATMAP_TASK)
 
 
 def make_celery(settings: Settings) -> Celery:
-    if not settings.broker_is_embedded:
+    if settings.broker_is_embedded:
+        filesystem_broker.install()
+    else:
         redis_broker.install()
     app = Celery("dfmod", broker=settings.resolved_broker_url, set_as_current=False)
     if settings.broker_is_embedded:
