@@ -323,9 +323,11 @@ def _finished(factory, ids: list[str]) -> tuple[int, datetime | None]:
 
 def _drain(
     settings, factory, celery_app, storage, images: list[bytes], prefix: str, timeout: float,
-    meter: CpuMeter | None = None,
+    meter: CpuMeter | None = None, worker: _Process | None = None,
 ) -> float:
-    """Put the images in storage, record and enqueue them at once; seconds until all have verdicts."""
+    """Put the images in storage, record and enqueue them at once; seconds until all have verdicts.
+
+    With ``worker``, a worker that exits meanwhile ends the drain at once (instead of at ``timeout``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from dfmod.db import session_scope
@@ -348,6 +350,11 @@ def _drain(
     while (finished := _finished(factory, ids))[0] < len(ids):
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{prefix}: only {finished[0]}/{len(ids)} finished in {timeout}s")
+        if worker is not None and worker.process.poll() is not None:
+            raise RuntimeError(
+                f"{prefix}: the worker exited (code {worker.process.returncode}) with {finished[0]}/{len(ids)} "
+                f"finished; its log: {worker.log}\n{worker.log.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.25)
     if meter:
         meter.stop()
@@ -504,10 +511,11 @@ def run_bench(
         env = {**os.environ, **_env_for(settings)}
         cli = [sys.executable, "-m", "dfmod"]
 
-        def drain_runs(name: str, per_run: int, meter: CpuMeter | None = None) -> list[float]:
+        def drain_runs(name: str, per_run: int, worker: _Process, meter: CpuMeter | None = None) -> list[float]:
             """img/s of each of the ``repeats`` drains of phase ``name``."""
             return [
-                per_run / _drain(settings, factory, celery_app, storage, phase[f"{name}{run}"], f"{name}{run}", 600, meter)
+                per_run / _drain(settings, factory, celery_app, storage, phase[f"{name}{run}"], f"{name}{run}", 600, meter,
+                                 worker)
                 for run in range(repeats)
             ]
 
@@ -515,9 +523,9 @@ def run_bench(
         worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.",
                           cpus=worker_cpus)
         try:
-            _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120)
+            _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120, worker=worker)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
-            e2e_runs = drain_runs("e2e", images, meter)
+            e2e_runs = drain_runs("e2e", images, worker, meter)
             e2e_cpu_ms = meter.per_image(images * repeats)
             e2e_img_s = statistics.median(e2e_runs)
             with _pinned(worker_cpus):  # the forward pass again, at the speed the drains just ran at
@@ -542,8 +550,8 @@ def run_bench(
             worker = _Process([*cli, "worker", "--log-level", "info"], {**env, **extra_env}, workdir / f"worker{tag}.log",
                               ready=b"ready.", cpus=worker_cpus)
             try:
-                _drain(settings, factory, celery_app, storage, phase[f"warmup{tag}"], f"warmup{tag}", warmup_s)
-                return drain_runs(runs, per_run)
+                _drain(settings, factory, celery_app, storage, phase[f"warmup{tag}"], f"warmup{tag}", warmup_s, worker=worker)
+                return drain_runs(runs, per_run, worker)
             finally:
                 worker.stop()
 
