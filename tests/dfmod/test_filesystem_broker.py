@@ -24,7 +24,7 @@ PRODUCER = textwrap.dedent("""
 
     filesystem_broker.install()
     folder, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    options = {"data_folder_in": folder, "data_folder_out": folder}
+    options = {"data_folder_in": folder, "data_folder_out": folder, "control_folder": folder + "/control"}
     with Connection("filesystem://", transport_options=options) as connection:
         queue = connection.SimpleQueue("fs-test")
         for index in range(count):
@@ -45,7 +45,8 @@ def test_a_consumer_reading_during_publishing_gets_every_message_whole(tmp_path)
     producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(folder), str(MESSAGES), str(PAYLOAD_BYTES)])
     received = []
     try:
-        options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "polling_interval": 0}
+        options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "polling_interval": 0,
+                   "control_folder": str(folder / "control")}
         with Connection("filesystem://", transport_options=options) as connection:
             queue = connection.SimpleQueue("fs-test")
             while len(received) < MESSAGES:
