@@ -59,20 +59,22 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def moto_command(port: int) -> list[str]:
-    """The command line of a moto S3 server on ``127.0.0.1:port``: moto_server's main, without two per-request
-    costs (:mod:`dfmod.moto_main`)."""
+def moto_command(port: int, server: str | None = None) -> list[str]:
+    """The command line of a moto S3 server on ``127.0.0.1:port``: moto_server's application behind granian
+    where it is installed, else behind werkzeug's server without two per-request costs (:mod:`dfmod.moto_main`;
+    ``server`` picks one)."""
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
         raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
-    return [sys.executable, "-m", "dfmod.moto_main", "-H", "127.0.0.1", "-p", str(port)]
+    return [sys.executable, "-m", "dfmod.moto_main", "-H", "127.0.0.1", "-p", str(port),
+            *(["--server", server] if server else [])]
 
 
 @contextmanager
-def moto_server() -> Iterator[str]:
-    """A real S3-compatible HTTP server (moto_server) on a free loopback port; yields its endpoint URL."""
+def moto_server(server: str | None = None) -> Iterator[str]:
+    """A real S3-compatible HTTP server (moto's) on a free loopback port; yields its endpoint URL."""
     port = free_port()
     process = subprocess.Popen(
-        moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec()
+        moto_command(port, server), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec()
     )
     try:
         wait_for_port(port)

@@ -8,8 +8,9 @@ Broker: ``--messages`` messages published, received and acknowledged through kom
 then through dfmod's (acknowledged 32 at a time inside ``batched_acks``, as the worker does); this process's
 CPU per message for each step. The queue is a throw-away one on the given Redis database.
 
-S3: moto_server started the stock way and through ``moto_command``, 64 objects of 30 KB, ``--gets`` GETs
-through obstore; the server process's CPU per GET.
+S3: moto_server started the stock way and through ``moto_command`` behind each of its HTTP servers (werkzeug,
+granian), 64 objects of 30 KB, ``--gets`` GETs through obstore, one at a time and from 16 threads (as the
+worker fetches a batch); the server's CPU per GET (its processes together) and the wall time per GET.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def _server(command: list[str], port: int):
         process.wait(timeout=10)
 
 
-def s3_get_cost(command: list[str], port: int, gets: int) -> float:
+def s3_get_cost(command: list[str], port: int, gets: int, threads: int) -> tuple[float, float]:
+    """(server CPU ms, wall ms) per GET."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import boto3
     import obstore
     from obstore.store import S3Store
@@ -92,11 +96,18 @@ def s3_get_cost(command: list[str], port: int, gets: int) -> float:
             s3.put_object(Bucket=bucket, Key=f"k{index}", Body=data)
         store = S3Store(bucket, endpoint=endpoint, access_key_id="x", secret_access_key="x", region="us-east-1",
                         client_options={"allow_http": True})
-        server = psutil.Process(process.pid)
-        before = sum(server.cpu_times()[:2])
-        for index in range(gets):
+        server = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+
+        def fetch(index: int) -> None:
             assert len(obstore.get(store, f"k{index % 64}").bytes()) == len(data)
-        return 1000.0 * (sum(server.cpu_times()[:2]) - before) / gets
+
+        for index in range(64):  # warm: connections, the application's first requests
+            fetch(index)
+        before, started = sum(sum(p.cpu_times()[:2]) for p in server), time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fetch, range(gets)))
+        wall = time.perf_counter() - started
+        return 1000.0 * (sum(sum(p.cpu_times()[:2]) for p in server) - before) / gets, 1000.0 * wall / gets
 
 
 def main() -> None:
@@ -114,11 +125,18 @@ def main() -> None:
         print(f"{label:20s} {costs['publish']:8.3f} {costs['receive']:8.3f} {costs['ack']:6.3f}")
 
     stock = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
-    print("moto CPU ms per 30 KB GET")
-    port = free_port()
-    print(f"  moto_server          {s3_get_cost([stock, '-H', '127.0.0.1', '-p', str(port)], port, args.gets):.2f}")
-    port = free_port()
-    print(f"  loopback.moto_command {s3_get_cost(moto_command(port), port, args.gets):.2f}")
+    print("per 30 KB GET, ms             server CPU (1 thread, 16)   wall (1 thread, 16)")
+    for label, command in (
+        ("moto_server", lambda port: [stock, "-H", "127.0.0.1", "-p", str(port)]),
+        ("moto_main --server werkzeug", lambda port: moto_command(port, "werkzeug")),
+        ("moto_main --server granian", lambda port: moto_command(port, "granian")),
+    ):
+        figures = []
+        for threads in (1, 16):
+            port = free_port()
+            figures.append(s3_get_cost(command(port), port, args.gets, threads))
+        (cpu1, wall1), (cpu16, wall16) = figures
+        print(f"  {label:28s} {cpu1:8.2f} {cpu16:8.2f}        {wall1:8.2f} {wall16:8.2f}")
 
 
 if __name__ == "__main__":

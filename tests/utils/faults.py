@@ -201,15 +201,25 @@ class StallableS3:
         wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def _signal_all(self, signum: int) -> None:
+        """The server and its children (granian serves from a worker process)."""
+        import psutil
+
+        for process in [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]:
+            try:
+                process.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
     def stall(self, seconds: float) -> None:
-        self.process.send_signal(signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
         try:
             time.sleep(seconds)
         finally:
-            self.process.send_signal(signal.SIGCONT)
+            self._signal_all(signal.SIGCONT)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
         self.process.terminate()
         self.process.wait(timeout=20)
 
