@@ -59,14 +59,16 @@ CPU_RANKING = (
     ("onnxruntime", "fp32"),
     ("torch", "fp32"),
 )
-# On CPUs with AMX (Sapphire Rapids and later) OpenVINO's bf16 runs on the tile units and beats its int8:
-# 708 against 553 img/s at batch 32 on this project's 2-core development VM (dfmod bench, 2026-12-01).
-AMX_CPU_RANKING = (("openvino", "bf16"), *(pair for pair in CPU_RANKING if pair != ("openvino", "bf16")))
+# On CPUs with native bf16 OpenVINO's bf16 beats its int8 at batch 32: with AMX (Sapphire Rapids and later)
+# 1367 against 898 img/s (dfmod bench, 2026-12-02), with AVX512-BF16 alone (AMD Zen 4) ahead in 6 of 6
+# alternating 4 s runs, 609 against 519 img/s on average (2026-12-02), and in every full bench but one
+# since 2026-12-01 (docs/benchmarks.md). Without native bf16 it would be emulated: int8 first there.
+BF16_CPU_RANKING = (("openvino", "bf16"), *(pair for pair in CPU_RANKING if pair != ("openvino", "bf16")))
 
 
 def cpu_ranking() -> tuple[tuple[str, str], ...]:
     """The CPU backends fastest first, for this CPU."""
-    return AMX_CPU_RANKING if cpu_has_amx_bf16() else CPU_RANKING
+    return BF16_CPU_RANKING if cpu_has_native_bf16() else CPU_RANKING
 
 
 # The torch-side names (they import torch): served lazily by __getattr__ below.
@@ -289,11 +291,6 @@ def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: without them bf16 is emulated on CPU and slower than fp32."""
     flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_has_amx_bf16() -> bool:
-    """AMX tiles, where OpenVINO's bf16 beats its int8 (see :func:`cpu_ranking`)."""
-    return "amx_bf16" in _cpu_flags()
 
 
 def serving_file(checkpoint: Path, backend: str, precision: str) -> Path | None:

@@ -58,17 +58,18 @@ def test_every_backend_computes_the_same_probabilities_from_the_same_pixels(expo
     np.testing.assert_allclose(results["openvino"], results["torch"], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "openvino-bf16"), (False, "openvino-int8")])
-def test_auto_prefers_bf16_on_amx_cpus_and_int8_elsewhere(exported_checkpoint, monkeypatch, amx, expected):
-    """With both accepted, AMX's bf16 tiles beat int8 (708 vs 553 img/s measured); AVX512-BF16 alone does not."""
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "openvino-bf16"), (False, "openvino-int8")])
+def test_auto_prefers_bf16_on_cpus_with_native_bf16_and_int8_elsewhere(
+    exported_checkpoint, monkeypatch, native_bf16, expected
+):
+    """With both accepted, bf16 beats int8 where the CPU has AMX or AVX512-BF16 (see detector.BF16_CPU_RANKING)."""
     sidecar_file = exported_checkpoint.parent / "test.json"
     original = sidecar_file.read_text()
     document = json.loads(original)
     try:
         document["precisions"] = {"openvino-bf16": {"accepted": True}, "openvino-int8": {"accepted": True}}
         sidecar_file.write_text(json.dumps(document))
-        monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: True)
-        monkeypatch.setattr(detector, "cpu_has_amx_bf16", lambda: amx)
+        monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: native_bf16)
         assert choose_backend(exported_checkpoint, device="cpu").name == expected
     finally:
         sidecar_file.write_text(original)
@@ -82,7 +83,6 @@ def test_auto_takes_the_fastest_accepted_backend_and_says_why(exported_checkpoin
         document["precisions"] = {"onnxruntime-int8": {"accepted": True}, "openvino-int8": {"accepted": False}}
         sidecar_file.write_text(json.dumps(document))
         monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: False)
-        monkeypatch.setattr(detector, "cpu_has_amx_bf16", lambda: False)
         choice = choose_backend(exported_checkpoint, device="cpu")
         assert (choice.backend, choice.precision) == ("onnxruntime", "int8")
         assert choice.reason.startswith("auto") and "openvino-int8: not accepted" in choice.reason
@@ -199,8 +199,8 @@ def test_the_shipped_serving_files_are_of_the_shipped_calibrated_model_and_every
     assert json.loads(props["dfmod"])["temperature"] == meta.temperature
     if detector.backend_installed("openvino"):
         choice = choose_backend(shipped, device="cpu")
-        # Both reduced precisions are accepted: bf16 where the CPU has AMX, int8 elsewhere.
-        expected = "bf16" if detector.cpu_has_amx_bf16() else "int8"
+        # Both reduced precisions are accepted: bf16 where the CPU has native bf16, int8 elsewhere.
+        expected = "bf16" if detector.cpu_has_native_bf16() else "int8"
         assert (choice.backend, choice.precision) == ("openvino", expected), choice.reason
     pixels = _pixels(4, seed=3)
     torch_predictor = Predictor(shipped, device="cpu", backend="torch", operating_point="fpr_1")
