@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,8 +55,13 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     assert {"torch-fp32", "onnxruntime-fp32", "openvino-fp32"} <= set(result["model_only_by_backend"])
     assert result["backend"] in result["model_only_by_backend"]
     assert all(value > 0 for value in result["model_only_by_backend"].values())
-    assert result["end_to_end_torch_img_s"] > 0
-    assert "backend torch-fp32" in (tmp_path / "logs" / "workerT.log").read_text()
+    assert result["end_to_end_torch_img_s"] > 0 and len(result["end_to_end_torch_runs_img_s"]) == 2
+    assert min(result["end_to_end_torch_runs_img_s"]) <= result["end_to_end_torch_img_s"] <= max(result["end_to_end_torch_runs_img_s"])
+    torch_log = (tmp_path / "logs" / "workerT.log").read_text()
+    assert "backend torch-fp32" in torch_log
+    # Its drains alternated with the default worker's, each worker on its own queue: the torch worker
+    # classified exactly its warm-up and its two drains, nothing of the default worker's.
+    assert sum(int(n) for n in re.findall(r"batch: \d+ requested, (\d+) classified", torch_log)) == 8 + 2 * 24
     # The face stage was drained too, by a worker that really ran it (its model version says so).
     assert result["face_stage_images"] == 8 and result["end_to_end_faces_img_s"] > 0
     assert "+faces" in (tmp_path / "logs" / "workerF.log").read_text()
