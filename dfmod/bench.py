@@ -85,6 +85,8 @@ class BenchResult:
     model_only_by_backend: dict = field(default_factory=dict)
     #: Model-only img/s at batch 1 of the same backends (batching gains little on CPU).
     model_only_batch1_by_backend: dict = field(default_factory=dict)
+    #: The rounds behind ``model_only_by_backend`` (its medians): the backends alternate, round after round.
+    model_only_runs_by_backend: dict = field(default_factory=dict)
     #: The end-to-end drain repeated with a torch worker (null where torch is not installed): the median of
     #: ``end_to_end_torch_runs_img_s``, each drained right after the default worker's run of the same index.
     end_to_end_torch_img_s: float | None = None
@@ -284,8 +286,14 @@ def _default_predictor(settings):
     )
 
 
+#: Model-only rounds: every backend runs once per round, so a drift of the VM's speed (a third within minutes
+#: on a shared VM) is spread over all of them instead of favouring whichever ran in the fast minute.
+MODEL_ONLY_ROUNDS = 4
+
+
 def _model_only(settings, batch_size: int, seconds: float, progress=print) -> dict:
-    """The default backend's figures, then every installed backend and accepted precision, one at a time."""
+    """The default backend's figures, then every installed backend and accepted precision in alternating rounds
+    (``seconds`` per backend in all, the median of its rounds reported)."""
     from dfmod.detector import Predictor
 
     common = dict(device=settings.device, torch_threads=settings.torch_threads)
@@ -293,18 +301,28 @@ def _model_only(settings, batch_size: int, seconds: float, progress=print) -> di
     img_s, cpu_ms = _throughput(default, batch_size, seconds)
     result = {
         "img_s": img_s, "cpu_ms": cpu_ms, "device": default.device, "backend": default.backend,
-        "reason": default.choice.reason, "by_backend": {}, "batch1_by_backend": {}, "cpu_ms_by_backend": {},
+        "reason": default.choice.reason, "by_backend": {}, "batch1_by_backend": {}, "runs_by_backend": {},
     }
     del default
     others = serving_candidates(settings.checkpoint) if result["device"] == "cpu" else []
-    for backend, precision in others:
-        name = f"{backend}-{precision}"
-        progress(f"  model-only {name} ...")
-        predictor = Predictor(settings.checkpoint, backend=backend, precision=precision, **common)
-        result["by_backend"][name], result["cpu_ms_by_backend"][name] = _throughput(predictor, batch_size, seconds)
-        result["batch1_by_backend"][name], _ = _throughput(predictor, 1, seconds / 2)
     if not others:
         result["by_backend"][result["backend"]] = img_s
+        return result
+    progress(f"  model-only {', '.join(f'{b}-{p}' for b, p in others)}: {MODEL_ONLY_ROUNDS} alternating rounds ...")
+    predictors = {
+        f"{backend}-{precision}": Predictor(settings.checkpoint, backend=backend, precision=precision, **common)
+        for backend, precision in others
+    }
+    batch1_runs: dict[str, list[float]] = {name: [] for name in predictors}
+    for _ in range(MODEL_ONLY_ROUNDS):
+        for name, predictor in predictors.items():
+            result["runs_by_backend"].setdefault(name, []).append(
+                _throughput(predictor, batch_size, seconds / MODEL_ONLY_ROUNDS)[0]
+            )
+            batch1_runs[name].append(_throughput(predictor, 1, seconds / 2 / MODEL_ONLY_ROUNDS)[0])
+    for name in predictors:
+        result["by_backend"][name] = statistics.median(result["runs_by_backend"][name])
+        result["batch1_by_backend"][name] = statistics.median(batch1_runs[name])
     return result
 
 
@@ -607,6 +625,7 @@ def run_bench(
         backend=model["backend"], backend_reason=model["reason"],
         model_only_by_backend={k: round(v, 2) for k, v in model["by_backend"].items()},
         model_only_batch1_by_backend={k: round(v, 2) for k, v in model["batch1_by_backend"].items()},
+        model_only_runs_by_backend={k: [round(x, 2) for x in v] for k, v in model["runs_by_backend"].items()},
         end_to_end_torch_img_s=round(statistics.median(e2e_torch_runs), 2) if e2e_torch_runs else None,
         end_to_end_torch_runs_img_s=[round(x, 2) for x in e2e_torch_runs],
         end_to_end_faces_img_s=round(e2e_faces, 2) if e2e_faces else None, face_stage_images=face_images,

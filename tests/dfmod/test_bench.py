@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
 import pytest
 
+from dfmod.bench import MODEL_ONLY_ROUNDS
 from tests.utils.processes import REPO_ROOT
 
 
@@ -55,6 +57,11 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     assert {"torch-fp32", "onnxruntime-fp32", "openvino-fp32"} <= set(result["model_only_by_backend"])
     assert result["backend"] in result["model_only_by_backend"]
     assert all(value > 0 for value in result["model_only_by_backend"].values())
+    # Each backend's figure is the median of its rounds, the backends alternating round after round.
+    runs = result["model_only_runs_by_backend"]
+    assert set(runs) == set(result["model_only_by_backend"])
+    for name, img_s in result["model_only_by_backend"].items():
+        assert len(runs[name]) == MODEL_ONLY_ROUNDS and img_s == pytest.approx(statistics.median(runs[name]), abs=0.01)
     assert result["end_to_end_torch_img_s"] > 0 and len(result["end_to_end_torch_runs_img_s"]) == 2
     assert min(result["end_to_end_torch_runs_img_s"]) <= result["end_to_end_torch_img_s"] <= max(result["end_to_end_torch_runs_img_s"])
     torch_log = (tmp_path / "logs" / "workerT.log").read_text()
