@@ -664,6 +664,9 @@ def _env_for(settings) -> dict[str, str]:
             value = value.get_secret_value()
         env[f"DFMOD_{name.upper()}"] = str(value)
     env["DFMOD_METRICS_PORT"] = str(free_port())
+    # On the operator's database, a sweep would re-enqueue its stuck items (other benches', a live system's)
+    # onto the bench's queue: extra work inside the measured drains, and those items left on a dead queue.
+    env["DFMOD_SWEEP_INTERVAL_S"] = "0"
     return env
 
 

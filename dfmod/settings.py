@@ -165,7 +165,12 @@ class Settings(BaseSettings):
     stuck_after_s: int = Field(
         300, ge=1, description="Items queued or processing this long are re-enqueued by the sweep."
     )
-    sweep_interval_s: int = Field(60, ge=1, description="How often a worker runs the stuck-item sweep.")
+    sweep_interval_s: int = Field(
+        60, ge=0,
+        description="How often a worker runs the stuck-item sweep; 0: never (keep at least one sweeping worker per "
+        "database; `dfmod bench` turns it off for its workers, which must not pull the database's other items onto "
+        "the bench's queue).",
+    )
     max_attempts: int = Field(5, ge=1, description="Deliveries of one item before it fails for good.")
     decode_budget_pixels: int = Field(
         64_000_000, ge=1,

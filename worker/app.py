@@ -116,9 +116,13 @@ def register_event_tasks(app: Celery, settings: Settings, classifier: BatchClass
         heatmaps.make(item_id, model_version)
 
 
-def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Thread:
-    """Re-enqueue stuck items every ``sweep_interval_s`` (with jitter, so workers don't sweep in lockstep)."""
+def start_sweeper(runtime: WorkerRuntime, stop: threading.Event) -> threading.Thread | None:
+    """Re-enqueue stuck items every ``sweep_interval_s`` (with jitter, so workers don't sweep in lockstep);
+    none with an interval of 0."""
     settings = runtime.settings
+    if not settings.sweep_interval_s:
+        logger.info("stuck-item sweep off (DFMOD_SWEEP_INTERVAL_S=0)")
+        return None
 
     def loop() -> None:
         while not stop.wait(settings.sweep_interval_s * random.uniform(0.8, 1.2)):

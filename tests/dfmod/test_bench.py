@@ -50,6 +50,9 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     unbatched_log = (tmp_path / "logs" / "worker1.log").read_text()
     assert any(f"batch: {n} requested" in batched_log for n in range(2, 9))
     assert "batch: 1 requested" in unbatched_log and "batch: 2 requested" not in unbatched_log
+    # The bench's workers never sweep: on an operator's database that would pull its other stuck items
+    # onto the bench's queue, into the measured drains.
+    assert "stuck-item sweep off" in batched_log and "stuck-item sweep off" in unbatched_log
 
     # Backends: the default is what auto picked (not torch: the model is exported), every installed backend
     # was measured at the same batch, and the end-to-end drain was repeated with a torch worker.
