@@ -26,6 +26,24 @@ from pathlib import Path
 from dfmod.loopback import child_preexec, free_port, moto_command, wait_for_port
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with RST, as a killed server's kernel would (SO_LINGER 0), and wake the threads blocked on it.
+
+    ``close()`` alone frees the descriptor but not the connection while a pump thread is blocked in
+    ``recv()`` on it: the kernel closes it only when that call returns. A reply lost in the drop would then
+    leave the client waiting forever on a connection that looks open. ``shutdown()`` ends those calls first.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 class TcpProxy:
     """A byte-forwarding proxy 127.0.0.1:``port`` -> ``target_host``:``target_port``."""
 
@@ -64,12 +82,7 @@ class TcpProxy:
                 pass
             listener.close()
         for sock in sockets:
-            try:
-                # SO_LINGER 0: close with RST, as a killed server's kernel would.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                sock.close()
-            except OSError:
-                pass
+            _reset(sock)
 
     def stall(self) -> None:
         """Keep connections open but forward nothing, like a server that stopped answering."""
@@ -91,8 +104,14 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._sockets.update((client, upstream))
-                self.accepted += 1
+                dropped = self._listener is not listener  # drop() ran while this one was being connected
+                if not dropped:
+                    self._sockets.update((client, upstream))
+                    self.accepted += 1
+            if dropped:
+                _reset(client)
+                _reset(upstream)
+                return
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
