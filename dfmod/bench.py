@@ -531,25 +531,20 @@ def run_bench(
         env = {**os.environ, **_env_for(settings)}
         cli = [sys.executable, "-m", "dfmod"]
 
-        def drain_runs(name: str, per_run: int, worker: _Process, meter: CpuMeter | None = None) -> list[float]:
-            """img/s of each of the ``repeats`` drains of phase ``name``."""
-            return [
-                per_run / _drain(settings, factory, celery_app, storage, phase[f"{name}{run}"], f"{name}{run}", 600, meter,
-                                 worker)
-                for run in range(repeats)
-            ]
+        def start_worker(log_name: str, extra_env: dict | None = None) -> _Process:
+            return _Process([*cli, "worker", "--log-level", "info"], {**env, **(extra_env or {})}, workdir / log_name,
+                            ready=b"ready.", cpus=worker_cpus)
 
         # The torch worker drains its own queue, its drains alternating with the default worker's: a shared
         # VM's speed drifts by a third within minutes, and the ratio of the two is what the bench is for.
         torch_settings = settings.model_copy(update={"queue": f"{settings.queue}-torch"})
-        torch_env = {**env, "DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto", "DFMOD_QUEUE": torch_settings.queue,
+        torch_env = {"DFMOD_BACKEND": "torch", "DFMOD_PRECISION": "auto", "DFMOD_QUEUE": torch_settings.queue,
                      "DFMOD_METRICS_PORT": str(free_port())}
         progress(
             f"end-to-end: {repeats} x {images} images through a batched worker"
             + (", each drain followed by one through a torch worker ..." if torch_available else " ...")
         )
-        worker = _Process([*cli, "worker", "--log-level", "info"], env, workdir / "worker.log", ready=b"ready.",
-                          cpus=worker_cpus)
+        worker = start_worker("worker.log")
         try:
             _drain(settings, factory, celery_app, storage, phase["warmup"], "warmup", 120, worker=worker)
             meter = CpuMeter({os.getpid(): "bench", worker.process.pid: "worker"})
@@ -557,8 +552,7 @@ def run_bench(
             torch_worker = None
             try:
                 if torch_available:
-                    torch_worker = _Process([*cli, "worker", "--log-level", "info"], torch_env, workdir / "workerT.log",
-                                            ready=b"ready.", cpus=worker_cpus)
+                    torch_worker = start_worker("workerT.log", torch_env)
                     _drain(torch_settings, factory, celery_app, storage, phase["warmupT"], "warmupT", 120, worker=torch_worker)
                 for run in range(repeats):
                     seconds = _drain(settings, factory, celery_app, storage, phase[f"e2e{run}"], f"e2e{run}", 600, meter, worker)
@@ -591,11 +585,14 @@ def run_bench(
 
         def drains_with_worker(tag: str, runs: str, extra_env: dict, per_run: int, warmup_s: float) -> list[float]:
             """A worker with ``extra_env`` (log ``worker<tag>.log``), warmed on ``warmup<tag>``, drains ``runs``."""
-            worker = _Process([*cli, "worker", "--log-level", "info"], {**env, **extra_env}, workdir / f"worker{tag}.log",
-                              ready=b"ready.", cpus=worker_cpus)
+            worker = start_worker(f"worker{tag}.log", extra_env)
             try:
                 _drain(settings, factory, celery_app, storage, phase[f"warmup{tag}"], f"warmup{tag}", warmup_s, worker=worker)
-                return drain_runs(runs, per_run, worker)
+                return [
+                    per_run / _drain(settings, factory, celery_app, storage, phase[f"{runs}{run}"], f"{runs}{run}", 600,
+                                     worker=worker)
+                    for run in range(repeats)
+                ]
             finally:
                 worker.stop()
 
