@@ -34,6 +34,21 @@ def test_enqueue_on_redis_sends_one_task_per_id_in_order(redis_url):
     tasks = _tasks_on_redis(redis.Redis.from_url(redis_url), settings.queue)
     assert [(name, args) for name, args, _ in tasks] == [(CLASSIFY_TASK, [item_id]) for item_id in ids]
     assert all(headers["eta"] is None for _, _, headers in tasks)
+    # What Celery's tooling (flower, `celery inspect`) shows of each task.
+    assert [(headers["argsrepr"], headers["kwargsrepr"]) for _, _, headers in tasks] == [(repr([i]), "{}") for i in ids]
+
+
+def test_enqueue_declares_a_queue_redis_has_never_seen(redis_url):
+    import uuid
+
+    settings = Settings(broker_url=redis_url, queue=f"dfmod-test-new-{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(redis_url)
+    assert enqueue(make_celery(settings), settings, ["a", "b"]) == 2
+    try:
+        assert client.exists(f"_kombu.binding.{settings.queue}")  # once per call, not per message
+        assert [args for _, args, _ in _tasks_on_redis(client, settings.queue)] == [["a"], ["b"]]
+    finally:
+        client.delete(settings.queue, f"_kombu.binding.{settings.queue}", f"_kombu.binding_permanent.{settings.queue}")
 
 
 def test_a_countdown_becomes_each_tasks_eta(redis_url):
