@@ -146,3 +146,57 @@ def test_a_pinned_bench_process_runs_on_its_cpus_and_the_bench_keeps_its_own(tmp
         assert os.sched_getaffinity(0) == mine  # the parent's mask is restored
     finally:
         child.stop()
+
+
+def _recorded(factory, count: int) -> list[str]:
+    from dfmod.db import session_scope
+    from dfmod.lifecycle import NewItem, record_items
+
+    with session_scope(factory) as session:
+        recorded = record_items(session, [NewItem(bucket="uploads", key=f"poll/{i}.jpg", source="bench") for i in range(count)])
+    return [r.item.id for r in recorded]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_the_drain_poll_counts_finished_items_and_when_the_last_finished(dialect, clean_postgres, tmp_path):
+    from sqlalchemy import func, select, update
+
+    from dfmod import migrate
+    from dfmod.bench import _finished
+    from dfmod.db import Item, ItemStatus, make_engine, make_session_factory, session_scope
+    from dfmod.settings import Settings
+
+    url = clean_postgres if dialect == "postgresql" else f"sqlite:///{tmp_path}/poll.db"
+    if dialect == "sqlite":
+        migrate.upgrade(Settings(database_url=url))
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    ids = _recorded(factory, 5)
+    assert _finished(factory, ids) == (0, None)
+    with session_scope(factory) as session:
+        session.execute(update(Item).where(Item.id.in_(ids[:2])).values(status=ItemStatus.classified))
+        session.execute(update(Item).where(Item.id == ids[2]).values(status=ItemStatus.failed))
+        last = session.scalar(select(func.max(Item.updated_at)).where(Item.id.in_(ids[:3])))
+    assert _finished(factory, ids) == (3, last)
+    assert _finished(factory, ids[3:]) == (0, None)
+    engine.dispose()
+
+
+def test_each_drain_refreshes_the_statistics_of_the_tables_the_workers_query(clean_postgres):
+    from sqlalchemy import text
+
+    from dfmod.bench import _analyze
+    from dfmod.db import make_engine, make_session_factory
+
+    engine = make_engine(clean_postgres)
+    factory = make_session_factory(engine)
+    _recorded(factory, 7)
+
+    def estimated_rows() -> float:
+        with engine.connect() as connection:
+            return connection.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'items'"))
+
+    assert estimated_rows() != 7  # truncated and refilled, never analysed: the planner's estimate is stale
+    _analyze(factory)
+    assert estimated_rows() == 7
+    engine.dispose()
