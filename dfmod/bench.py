@@ -481,7 +481,7 @@ def _moto_storage(stack: ExitStack) -> dict:
 
 def run_bench(
     images: int, unbatched_images: int, latency_seconds: float, rate: float | None, model_seconds: float,
-    images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 3,
+    images_from: Path | None, progress=print, log_dir: Path | None = None, repeats: int = 5,
     worker_cpus: set[int] | None = None,
 ) -> BenchResult:
     """The whole bench. ``worker_cpus``: pin the worker processes and the model-only phase to those CPUs and this
@@ -805,7 +805,11 @@ def bench_command(
     rate: float | None = typer.Option(None, help="Offered uploads/s for the latency run (default: a quarter of the end-to-end throughput, at most 10)."),
     model_seconds: float = typer.Option(8.0, help="Duration of the model-only run."),
     images_from: Path | None = typer.Option(None, help="Use the images under this folder instead of synthetic JPEGs."),
-    repeats: int = typer.Option(3, min=1, help="Drains per throughput phase; the median is reported (runs on a shared VM vary by about 15 %)."),
+    repeats: int = typer.Option(
+        5, min=1,
+        help="Drains per throughput phase; the median is reported (on a shared VM a drain can run at half speed "
+        "when a neighbour is busy: one of three drains in a bench of 2026-12-03 did).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     log_dir: Path | None = typer.Option(None, help="Keep the worker and API logs (per-batch timings) here."),
     worker_only: bool = typer.Option(
