@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """CPU per message of the Redis broker path and per GET of the test S3 server: the figures behind
-``dfmod.redis_broker`` and ``dfmod.loopback.moto_command`` (README, Benchmarks).
+``dfmod.redis_broker``, ``dfmod.queue.enqueue`` and ``dfmod.loopback.moto_command`` (README, Benchmarks).
 
     python scripts/service_costs.py [--redis redis://127.0.0.1:6379/0] [--messages 2000] [--gets 1000]
 
 Broker: ``--messages`` messages published, received and acknowledged through kombu's stock Redis transport,
 then through dfmod's (acknowledged 32 at a time inside ``batched_acks``, as the worker does); this process's
-CPU per message for each step. The queue is a throw-away one on the given Redis database.
+CPU per message for each step. The queue is a throw-away one on the given Redis database. Enqueue: the same
+number of classify tasks sent through Celery's ``send_task`` one by one, the queue declared with every message
+(as ``dfmod.queue.enqueue`` sent them before 2026-12-03), then through ``enqueue``; CPU per task.
 
 S3: moto_server started the stock way and through ``moto_command`` behind each of its HTTP servers (werkzeug,
 granian), 64 objects of 30 KB, ``--gets`` GETs through obstore, one at a time and from 16 threads (as the
@@ -67,6 +69,31 @@ def broker_costs(url: str, messages: int, dfmod_transport: bool) -> dict[str, fl
     return {"publish": (published - started) * per, "receive": (delivered - published) * per, "ack": (acked - delivered) * per}
 
 
+def enqueue_costs(url: str, messages: int) -> dict[str, float]:
+    import redis
+
+    from dfmod.queue import _RETRY_POLICY, CLASSIFY_TASK, _publish_batch, enqueue, make_celery
+    from dfmod.settings import Settings
+
+    settings = Settings(broker_url=url, queue=f"dfmod-costs-{uuid.uuid4().hex[:8]}")
+    app = make_celery(settings)
+    ids = [str(uuid.uuid4()) for _ in range(messages)]
+    enqueue(app, settings, ids[:8])  # the connection and the queue's declaration out of the way
+    started = time.process_time()
+    with app.producer_or_acquire() as producer, _publish_batch(producer):
+        for item_id in ids:
+            app.send_task(CLASSIFY_TASK, args=[item_id], queue=settings.queue, producer=producer, retry=True,
+                          retry_policy=_RETRY_POLICY)
+    per_message = time.process_time()
+    enqueue(app, settings, ids)
+    once = time.process_time()
+    redis.Redis.from_url(url).delete(
+        settings.queue, f"_kombu.binding.{settings.queue}", f"_kombu.binding_permanent.{settings.queue}"
+    )
+    per = 1000.0 / messages
+    return {"send_task": (per_message - started) * per, "enqueue": (once - per_message) * per}
+
+
 @contextmanager
 def _server(command: list[str], port: int):
     from dfmod.loopback import child_preexec, wait_for_port
@@ -123,6 +150,9 @@ def main() -> None:
     for label, ours in (("kombu's transport", False), ("dfmod.redis_broker", True)):
         costs = broker_costs(args.redis, args.messages, ours)
         print(f"{label:20s} {costs['publish']:8.3f} {costs['receive']:8.3f} {costs['ack']:6.3f}")
+    costs = enqueue_costs(args.redis, args.messages)
+    print(f"CPU ms per classify task sent: send_task, queue declared each time {costs['send_task']:.3f}; "
+          f"dfmod.queue.enqueue {costs['enqueue']:.3f}")
 
     stock = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     print("per 30 KB GET, ms             server CPU (1 thread, 16)   wall (1 thread, 16)")
