@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -444,7 +446,30 @@ class OpenVinoRunner:
             return np.array(self.request.infer({0: pixels})[self.output], dtype=np.float32, copy=True)
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity mask (taskset, a cpuset), capped by a cgroup v2 CPU quota.
+
+    The default intra-op thread count of every backend. Left to themselves they count the machine's cores:
+    onnxruntime then pins a thread to each, outside the process's mask (under ``taskset -c 0`` on two cores
+    it ran on both, 1.85 cores busy), and OpenVINO runs two threads on one core, 10 % slower than one; a pod
+    limited to 2 CPUs on a 64-core node would run 64 threads into its quota.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: the mask alone
+        pass
+    return max(1, count)
+
+
 def load_runner(choice: BackendChoice, threads: int | None = None):
+    """The backend's runner with ``threads`` intra-op threads (default :func:`usable_cpus`)."""
+    threads = threads or usable_cpus()
     if choice.backend == "torch":
         from dfmod.torch_model import TorchRunner
 

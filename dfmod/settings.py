@@ -157,7 +157,8 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
     torch_threads: int | None = Field(
-        None, ge=1, description="Intra-op threads of the inference backend (any backend); default: all cores."
+        None, ge=1, description="Intra-op threads of the inference backend (any backend); default: the CPUs the process may use "
+        "(its affinity mask, capped by a cgroup CPU quota)."
     )
     visibility_timeout_s: int = Field(
         600, ge=1, description="Redis: unacked tasks of a dead worker are redelivered after this many seconds."

@@ -242,3 +242,41 @@ def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     backend, method, loaded = result.stdout.split(maxsplit=2)
     assert backend.startswith(("onnxruntime-", "openvino-")) and method == "occlusion" and loaded.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("garbage", None), (None, None)],
+)
+def test_usable_cpus_is_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, cpu_max, expected):
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    mask = len(os.sched_getaffinity(0))
+    assert detector.usable_cpus(path) == (mask if expected is None else min(mask, expected))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+def test_every_backend_defaults_to_one_thread_per_cpu_of_the_process_mask(exported_checkpoint):
+    # onnxruntime, left to itself, starts a thread per core of the machine and pins each one outside the mask.
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        os.sched_setaffinity(0, {{sorted(os.sched_getaffinity(0))[0]}})
+        from dfmod.detector import Predictor
+        threads = {{}}
+        for backend in ("onnxruntime", "openvino", "torch"):
+            runner = Predictor({str(exported_checkpoint)!r}, device="cpu", backend=backend, precision="fp32").runner
+            if backend == "onnxruntime":
+                threads[backend] = runner.session.get_session_options().intra_op_num_threads
+            elif backend == "openvino":
+                threads[backend] = runner.compiled.get_property("INFERENCE_NUM_THREADS")
+            else:
+                import torch
+                threads[backend] = torch.get_num_threads()
+        print(threads)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "{'onnxruntime': 1, 'openvino': 1, 'torch': 1}"
