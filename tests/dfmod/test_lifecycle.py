@@ -5,6 +5,7 @@ that no other module writes ``Item.status``."""
 from __future__ import annotations
 
 import ast
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -83,6 +84,96 @@ def test_sweep_requeues_stuck_items_and_gives_up_after_max_attempts(clean_postgr
     assert items[ids[2]].status == ItemStatus.failed and items[ids[2]].failure_reason == "too_many_attempts"
     # Swept items are stamped, so an immediate second sweep does not enqueue them again.
     assert sweep_stuck_items(factory, make_celery(settings), settings) == 0
+
+
+
+def _claimable(factory, ids: list[str]) -> set[str]:
+    """The ids a worker's claim (``SELECT ... FOR UPDATE SKIP LOCKED``) would get now, from its own connection."""
+    with session_scope(factory) as session:
+        return {item.id for item in session.scalars(lifecycle.skip_locked(select(Item).where(Item.id.in_(ids)), session))}
+
+
+def _watch_sends(monkeypatch, factory, engine):
+    """Spy on the sends of dfmod.lifecycle: what a worker could claim at each send, and the item writes after it."""
+    from sqlalchemy import event
+
+    seen = {"claimable_at_send": [], "writes_after_send": []}
+
+    def sending(app, settings, item_ids, **kwargs):
+        seen["claimable_at_send"].append(_claimable(factory, item_ids) == set(item_ids))
+        seen["sent"] = True
+        return real_enqueue(app, settings, item_ids, **kwargs)
+
+    def statement(_conn, _cursor, sql, *_args):
+        if seen.get("sent") and sql.lstrip().upper().startswith("UPDATE ITEMS"):
+            seen["writes_after_send"].append(sql)
+
+    real_enqueue = lifecycle.enqueue
+    monkeypatch.setattr(lifecycle, "enqueue", sending)
+    event.listen(engine, "before_cursor_execute", statement)
+    return seen
+
+
+def test_an_ingested_item_is_claimable_from_the_moment_its_task_is_sent(clean_postgres, redis_url, monkeypatch):
+    # A worker holding the task claims the row with SKIP LOCKED: a write of the item after the send (the
+    # enqueued_at stamp once did that) races it, and the worker skips the item and acknowledges its task.
+    settings = Settings(database_url=clean_postgres, broker_url=redis_url, queue=f"ingest-{uuid.uuid4().hex[:6]}")
+    engine = make_engine(clean_postgres)
+    factory = make_session_factory(engine)
+    seen = _watch_sends(monkeypatch, factory, engine)
+    with factory() as session:
+        [recorded] = lifecycle.record_and_enqueue(
+            session, factory, make_celery(settings), settings, [NewItem(bucket="b", key="fresh.jpg")]
+        )
+    assert seen["claimable_at_send"] == [True] and seen["writes_after_send"] == []
+    with session_scope(factory) as session:
+        assert session.get(Item, recorded.item.id).enqueued_at is not None
+
+
+def test_an_item_whose_send_failed_is_unstamped_for_the_next_sweep(clean_postgres, redis_url):
+    from dfmod.loopback import free_port
+
+    down = Settings(database_url=clean_postgres, broker_url=f"redis://127.0.0.1:{free_port()}/0", queue="unsent-q")
+    factory = make_session_factory(make_engine(clean_postgres))
+    with factory() as session:
+        [recorded] = lifecycle.record_and_enqueue(session, factory, make_celery(down), down, [NewItem(bucket="b", key="u.jpg")])
+    with session_scope(factory) as session:
+        item = session.get(Item, recorded.item.id)
+        assert item.status == ItemStatus.queued and item.enqueued_at is None
+        item.created_at = utcnow() - timedelta(minutes=1)  # past the grace given to an enqueue in progress
+    up = down.model_copy(update={"broker_url": redis_url, "queue": f"unsent-{uuid.uuid4().hex[:6]}"})
+    assert sweep_stuck_items(factory, make_celery(up), up) == 1
+
+
+def test_swept_items_are_claimable_from_the_moment_their_tasks_are_sent(clean_postgres, redis_url, monkeypatch):
+    settings = Settings(database_url=clean_postgres, broker_url=redis_url, stuck_after_s=60, queue=f"sw-{uuid.uuid4().hex[:6]}")
+    engine = make_engine(clean_postgres)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as session:
+        ids = [r.item.id for r in record_items(session, [NewItem(bucket="b", key=f"s{i}.jpg") for i in range(3)])]
+    old = utcnow() - timedelta(minutes=10)
+    with session_scope(factory) as session:
+        session.execute(update(Item).where(Item.id.in_(ids)).values(updated_at=old, enqueued_at=old, created_at=old))
+    seen = _watch_sends(monkeypatch, factory, engine)
+    assert sweep_stuck_items(factory, make_celery(settings), settings) == 3
+    assert seen["claimable_at_send"] == [True] and seen["writes_after_send"] == []
+
+
+def test_a_sweep_that_cannot_reach_the_broker_leaves_its_items_for_the_next_one(clean_postgres, redis_url):
+    from dfmod.errors import Unavailable
+    from dfmod.loopback import free_port
+
+    down = Settings(database_url=clean_postgres, broker_url=f"redis://127.0.0.1:{free_port()}/0", stuck_after_s=60)
+    factory = make_session_factory(make_engine(clean_postgres))
+    with session_scope(factory) as session:
+        [recorded] = record_items(session, [NewItem(bucket="b", key="late.jpg")])
+    old = utcnow() - timedelta(minutes=10)
+    with session_scope(factory) as session:
+        session.execute(update(Item).where(Item.id == recorded.item.id).values(updated_at=old, enqueued_at=old, created_at=old))
+    with pytest.raises(Unavailable):
+        sweep_stuck_items(factory, make_celery(down), down)
+    up = down.model_copy(update={"broker_url": redis_url, "queue": f"late-{uuid.uuid4().hex[:6]}"})
+    assert sweep_stuck_items(factory, make_celery(up), up) == 1  # at once, not after another stuck_after_s
 
 
 # --- transitions -----------------------------------------------------------------------------------
