@@ -14,15 +14,6 @@ An item moves through four states::
 This module is the only one that writes ``Item.status`` (a test scans the tree for others). Its callers:
 
 * the API's ingest routes: :func:`record_and_enqueue` (record -> commit -> enqueue);
-
-A task is sent only after the transaction that wrote its item committed, and nothing writes the item
-between the send and the worker's claim: the claim skips rows another transaction has locked
-(:func:`skip_locked`, so that two workers given the same item do not wait for each other), so a write
-after the send, racing the worker, made it skip the item and acknowledge its task, leaving the item for the
-sweep minutes later (3 of 200 uploads at 10/s in ``dfmod bench`` of 2026-12-04, when ``enqueued_at`` was
-stamped after the send). ``enqueued_at`` is stamped by the commit before the send and taken back if the
-send fails, so the sweep still sends those at once.
-
 * the worker: :func:`claim_for_classification`, :func:`find_reusable_verdicts`, :func:`persist_results`,
   :func:`release_claims`;
 * the sweep (a worker thread and ``dfmod sweep``): :func:`sweep_stuck_items`;
@@ -31,6 +22,14 @@ send fails, so the sweep still sends those at once.
 
 Recording is idempotent: the same (bucket, key, version) recorded twice returns the first item, so a
 duplicated S3 notification or a retried registration creates one item and one task.
+
+A task is sent only after the transaction that wrote its item committed, and nothing writes the item
+between the send and the worker's claim: the claim skips rows another transaction has locked
+(:func:`skip_locked`, so that two workers given the same item do not wait for each other), so a write
+after the send, racing the worker, made it skip the item and acknowledge its task, leaving the item for the
+sweep minutes later (3 of 200 uploads at 10/s in ``dfmod bench`` of 2026-12-04, when ``enqueued_at`` was
+stamped after the send). ``enqueued_at`` is stamped by the commit before the send and taken back if the
+send fails, so the sweep still sends those at once.
 """
 
 from __future__ import annotations

@@ -86,7 +86,6 @@ def test_sweep_requeues_stuck_items_and_gives_up_after_max_attempts(clean_postgr
     assert sweep_stuck_items(factory, make_celery(settings), settings) == 0
 
 
-
 def _claimable(factory, ids: list[str]) -> set[str]:
     """The ids a worker's claim (``SELECT ... FOR UPDATE SKIP LOCKED``) would get now, from its own connection."""
     with session_scope(factory) as session:
