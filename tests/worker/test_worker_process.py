@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from dfmod.db import Item, ItemStatus, Verdict, make_engine, make_session_factory, session_scope
@@ -57,6 +58,8 @@ def _verdict_stats(settings):
 
 @pytest.mark.parametrize("pool,concurrency", [("solo", 1), ("threads", 2)])
 def test_batches_of_more_than_one_form_under_load(integration_settings, s3_buckets, worker_factory, pool, concurrency):
+    broker = redis.Redis.from_url(integration_settings.broker_url)
+    ack_round_trips_before = _calls(broker, "zrem")  # each ack round trip is one ZREM of the unacked index
     ids = _seed(integration_settings, s3_buckets, 24)  # queued before the worker starts: a backlog
     worker = worker_factory(
         DFMOD_BATCH_SIZE=8, DFMOD_BATCH_WAIT_MS=500, DFMOD_WORKER_POOL=pool, DFMOD_WORKER_CONCURRENCY=concurrency
@@ -67,6 +70,13 @@ def test_batches_of_more_than_one_form_under_load(integration_settings, s3_bucke
     assert total == distinct_items == len(ids)
     assert max(batch_sizes) == 8, batch_sizes
     assert sum(1 for size in batch_sizes if size > 1) >= len(ids) // 2
+    # The acks of a batch reach Redis together (Celery hands each one to its event loop separately).
+    ack_round_trips = _calls(broker, "zrem") - ack_round_trips_before
+    assert 1 <= ack_round_trips <= len(ids) // 4, ack_round_trips
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
 
 
 def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(integration_settings, s3_buckets, worker_factory):
