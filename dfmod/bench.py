@@ -238,17 +238,31 @@ class _Process:
 
 
 def _throughput(predictor, batch_size: int, seconds: float) -> tuple[float, float]:
-    """(img/s, CPU ms per image) of the predictor on random uint8 pixels at ``batch_size``."""
+    """(img/s, CPU ms per image) of the predictor on random uint8 pixels at ``batch_size``, with as many
+    batches in the model at once as it has streams (as the worker runs it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     _, height, width = predictor.meta.input_size
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+    streams = getattr(predictor, "streams", 1)
     for _ in range(2):
         predictor.predict_pixels(pixels)
-    done, started, cpu_started = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < seconds or done < 3 * batch_size:
-        predictor.predict_pixels(pixels)  # returns on the host: a CUDA batch has finished by then
-        done += batch_size
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def stream() -> int:
+        done = 0
+        while time.perf_counter() - started < seconds or done < 3 * batch_size:
+            predictor.predict_pixels(pixels)  # returns on the host: a CUDA batch has finished by then
+            done += batch_size
+        return done
+
+    if streams == 1:
+        done = stream()
+    else:
+        with ThreadPoolExecutor(streams) as pool:
+            done = sum(pool.map(lambda _: stream(), range(streams)))
     return done / (time.perf_counter() - started), 1000.0 * (time.process_time() - cpu_started) / done
 
 
@@ -282,7 +296,7 @@ def _default_predictor(settings):
 
     return Predictor(
         settings.checkpoint, backend=settings.backend, precision=settings.precision, device=settings.device,
-        torch_threads=settings.torch_threads,
+        torch_threads=settings.torch_threads, streams=settings.resolved_inference_streams,
     )
 
 
@@ -722,6 +736,7 @@ def run_worker_only(
     in the profile, and only the broker is left out.
     """
     import cProfile
+    from concurrent.futures import ThreadPoolExecutor
 
     from dfmod.db import make_engine, make_session_factory, session_scope
     from dfmod.detector import Predictor
@@ -761,7 +776,7 @@ def run_worker_only(
             ids = [r.item.id for r in record_items(session, [NewItem(settings.upload_bucket, key) for key in keys])]
         predictor = Predictor(
             settings.checkpoint, device=settings.device, torch_threads=settings.torch_threads,
-            backend=settings.backend, precision=settings.precision,
+            backend=settings.backend, precision=settings.precision, streams=settings.resolved_inference_streams,
         )
         model_img_s, model_cpu_ms = _throughput(predictor, settings.batch_size, 3.0)
         classifier = BatchClassifier(settings, factory, storage, predictor)
@@ -777,8 +792,10 @@ def run_worker_only(
             started, cpu_started = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
-            for start in range(0, len(timed), size):
-                report = classifier.run(timed[start : start + size])
+            # As many batches at once as the worker's pool runs (the threads pool's concurrency).
+            with ThreadPoolExecutor(settings.batch_slots) as batches:
+                reports = list(batches.map(classifier.run, [timed[i : i + size] for i in range(0, len(timed), size)]))
+            for report in reports:
                 phases["claim"] += report.claim_s
                 phases["fetch_decode"] += report.fetch_s
                 phases["inference"] += report.inference_s

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-import threading
+import queue
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -402,9 +402,13 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, precision: str, threads: int | None = None, streams: int = 1) -> None:
         import onnxruntime as ort
 
+        # session.run may be called from several threads at once; each of ``streams`` concurrent runs gets
+        # its share of the threads (one: the run stays on its calling thread, with no pool to hand work to).
+        threads = max(1, threads // streams) if threads else None
+        self.streams = streams
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -428,22 +432,35 @@ class OpenVinoRunner:
 
     backend = "openvino"
 
-    def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, precision: str, threads: int | None = None, streams: int = 1) -> None:
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        # One stream: every thread on each forward pass (LATENCY). Several: OpenVINO's streams, each with its
+        # share of the threads and an infer request of its own, so forward passes from several threads run
+        # side by side without waiting on each other's parallel sections (THROUGHPUT).
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+        }
+        if streams > 1:
+            config["NUM_STREAMS"] = streams
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+            config["INFERENCE_NUM_THREADS"] = max(threads, streams)
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # calls from more threads than streams wait
+        for _ in range(self.streams):
+            self._requests.put(self.compiled.create_infer_request())
         self.output = self.compiled.output(0)
         self.precision = precision
         self.device = "cpu"
-        self._lock = threading.Lock()  # one infer request: calls from several threads take turns
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return np.array(self.request.infer({0: pixels})[self.output], dtype=np.float32, copy=True)
+        request = self._requests.get()
+        try:
+            return np.array(request.infer({0: pixels})[self.output], dtype=np.float32, copy=True)
+        finally:
+            self._requests.put(request)
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -467,16 +484,18 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     return max(1, count)
 
 
-def load_runner(choice: BackendChoice, threads: int | None = None):
-    """The backend's runner with ``threads`` intra-op threads (default :func:`usable_cpus`)."""
+def load_runner(choice: BackendChoice, threads: int | None = None, streams: int = 1):
+    """The backend's runner with ``threads`` intra-op threads (default :func:`usable_cpus`) shared by ``streams``
+    forward passes that may run at once (CUDA: always one)."""
     threads = threads or usable_cpus()
+    streams = max(1, min(streams, threads))  # two forward passes on one core only take turns, in each other's cache
     if choice.backend == "torch":
         from dfmod.torch_model import TorchRunner
 
-        return TorchRunner(choice.path, choice.device, threads)
+        return TorchRunner(choice.path, choice.device, threads, streams)
     if choice.backend == "onnxruntime":
-        return OnnxRuntimeRunner(choice.path, choice.precision, threads)
-    return OpenVinoRunner(choice.path, choice.precision, threads)
+        return OnnxRuntimeRunner(choice.path, choice.precision, threads, streams)
+    return OpenVinoRunner(choice.path, choice.precision, threads, streams)
 
 
 class Predictor:
@@ -495,11 +514,14 @@ class Predictor:
         backend: str = "auto",
         precision: str = "auto",
         operating_point: str | None = None,
+        streams: int = 1,
     ) -> None:
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
         self.meta = read_meta(self.checkpoint_path)
         self.choice = choose_backend(self.checkpoint_path, backend, precision, device)
-        self.runner = load_runner(self.choice, torch_threads)
+        self.runner = load_runner(self.choice, torch_threads, streams)
+        # Forward passes that may run at once (the worker lets this many batches into the model together).
+        self.streams = self.runner.streams
         self.device = self.choice.device
         # On CUDA the precision is the autocast type the GPU supports (torch-bf16 or torch-fp16).
         self.backend = f"{self.choice.backend}-{self.runner.precision}"

@@ -156,6 +156,12 @@ class Settings(BaseSettings):
         "(use it with 2 on GPU workers).",
     )
     worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
+    inference_streams: int | None = Field(
+        None, ge=1,
+        description="Forward passes that may run at once in a CPU worker, each on its own share of the intra-op "
+        "threads (OpenVINO streams; ONNX Runtime and torch runs on the calling thread). Default: the batches in "
+        "flight (DFMOD_WORKER_CONCURRENCY with the threads pool, else 1). CUDA workers run one at a time.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads of the inference backend (any backend); default: the CPUs the process may use "
         "(its affinity mask, capped by a cgroup CPU quota)."
@@ -283,6 +289,16 @@ class Settings(BaseSettings):
     @property
     def broker_is_embedded(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def batch_slots(self) -> int:
+        """Batches a worker runs at once: the threads pool's concurrency, else one."""
+        return self.worker_concurrency if self.worker_pool == "threads" else 1
+
+    @property
+    def resolved_inference_streams(self) -> int:
+        """Forward passes that may run at once: DFMOD_INFERENCE_STREAMS, else one per batch slot."""
+        return self.inference_streams or self.batch_slots
 
     @property
     def resolved_heartbeat_dir(self) -> Path:

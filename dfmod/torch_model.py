@@ -200,9 +200,12 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, checkpoint: Path, device: str, threads: int | None = None) -> None:
+    def __init__(self, checkpoint: Path, device: str, threads: int | None = None, streams: int = 1) -> None:
+        # On CPU, ``streams`` forward passes may run at once from as many threads, each with its share of the
+        # intra-op threads (torch's are per process); on CUDA one at a time keeps one stream busy.
+        self.streams = 1 if device == "cuda" else streams
         if threads:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(max(1, threads // self.streams))
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("DFMOD_DEVICE=cuda but no CUDA device is visible")
         serving, self.meta, folded = load_serving_module(checkpoint)

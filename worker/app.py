@@ -56,6 +56,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     predictor = Predictor(
         settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
         backend=settings.backend, precision=settings.precision, operating_point=settings.operating_point,
+        streams=settings.resolved_inference_streams,
     )
     predictor.warmup(min(settings.batch_size, 8))
     telemetry.MODEL_INFO.labels(
@@ -83,7 +84,7 @@ def register_classify_task(app: Celery, settings: Settings, classifier: BatchCla
         base=BatchingTask,
         flush_every=flush_every,
         max_wait=max(settings.batch_wait_ms, 1) / 1000.0,
-        slots=settings.worker_concurrency if settings.worker_pool == "threads" else 1,
+        slots=settings.batch_slots,
         acks_late=True,
         ignore_result=True,
     )
@@ -157,7 +158,7 @@ def run_worker(
         "worker",
         f"--loglevel={log_level}",  # Celery's own spelling; ours is --log-level
         f"--pool={settings.worker_pool}",
-        f"--concurrency={settings.worker_concurrency if settings.worker_pool == 'threads' else 1}",
+        f"--concurrency={settings.batch_slots}",
         f"--queues={','.join(consumed)}",
         "--without-gossip",
         "--without-mingle",

@@ -121,9 +121,11 @@ class BatchClassifier:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dfmod-fetch")
         # Sixteen fetch threads may all hold worst-case images at once; the budget bounds what they decode.
         self.decode_budget = DecodeBudget(settings.decode_budget_pixels)
-        # With the threads pool, batches run concurrently: one fetches and decodes while another owns the
-        # model. One forward pass at a time keeps each at full speed (and one CUDA stream busy).
-        self._inference_lock = threading.Lock()
+        # With the threads pool, batches run concurrently: one fetches and decodes while another is in the
+        # model. The predictor says how many forward passes may run at once: one on CUDA (one stream kept
+        # busy) and by default on CPU with the solo pool; on CPU with more batch slots, one per stream, each
+        # on its share of the cores (see DFMOD_INFERENCE_STREAMS).
+        self._model_slots = threading.BoundedSemaphore(predictor.streams)
         # Tenants' thresholds and callback settings: a handful of rows, re-read every few seconds.
         self._tenants: dict = {}
         self._tenants_read_at = -1e9
@@ -317,7 +319,7 @@ class BatchClassifier:
         size = self.settings.batch_size
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
-            with self._inference_lock:
+            with self._model_slots:
                 began = time.perf_counter()
                 scores = self.predictor.predict_pixels([o.array if i is None else o.array[i] for o, i in chunk])
                 elapsed = time.perf_counter() - began

@@ -280,3 +280,49 @@ def test_every_backend_defaults_to_one_thread_per_cpu_of_the_process_mask(export
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "{'onnxruntime': 1, 'openvino': 1, 'torch': 1}"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs for two streams")
+def test_streams_split_the_threads_and_run_forward_passes_side_by_side(exported_checkpoint):
+    # A CPU worker with two batches in flight runs two forward passes at once, each on one of the two threads,
+    # and each must score its own batch exactly as a forward pass alone would.
+    script = textwrap.dedent(
+        f"""
+        import threading
+        import numpy as np
+        from dfmod.detector import Predictor
+        pixels = [np.random.default_rng(seed).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8) for seed in (1, 2)]
+        for backend in ("onnxruntime", "openvino", "torch"):
+            predictor = Predictor({str(exported_checkpoint)!r}, device="cpu", backend=backend, precision="fp32",
+                                  torch_threads=2, streams=2)
+            runner = predictor.runner
+            if backend == "onnxruntime":
+                threads = runner.session.get_session_options().intra_op_num_threads
+            elif backend == "openvino":
+                threads = runner.compiled.get_property("INFERENCE_NUM_THREADS") // runner.compiled.get_property("NUM_STREAMS")
+            else:
+                import torch
+                threads = torch.get_num_threads()
+            alone = [predictor.logits(batch) for batch in pixels]
+            together = [[], []]
+
+            def score(i):
+                for _ in range(5):
+                    together[i].append(predictor.logits(pixels[i]))
+
+            workers = [threading.Thread(target=score, args=(i,)) for i in range(2)]
+            [worker.start() for worker in workers]
+            [worker.join() for worker in workers]
+            for i in range(2):
+                for logits in together[i]:
+                    np.testing.assert_allclose(logits, alone[i], rtol=1e-5, atol=1e-5)
+            print(backend, predictor.streams, threads)
+        print("one cpu:", Predictor({str(exported_checkpoint)!r}, device="cpu", backend="openvino", precision="fp32",
+                                    torch_threads=1, streams=2).streams)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-4:] == [
+        "onnxruntime 2 1", "openvino 2 1", "torch 2 1", "one cpu: 1",
+    ]

@@ -4,6 +4,8 @@ redelivery, identical bytes, transient storage faults."""
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -223,3 +225,36 @@ def test_a_tenants_threshold_labels_its_items(classifier, s3_buckets):
     assert strict_item.threshold == 0.0 and strict_item.label == "fake"
     assert default_item.threshold == 0.5
     assert default_item.label == ("fake" if default_item.score >= 0.5 else "real")
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_batches_in_flight_enter_the_model_together_as_far_as_the_predictor_has_streams(
+    integration_settings, checkpoint_path, s3_buckets, streams
+):
+    # The threads pool runs two batches at once; with two streams both forward passes run side by side, with
+    # one (CUDA, or one CPU) the second waits for the first.
+    predictor = Predictor(checkpoint_path, device="cpu", torch_threads=2, streams=streams)
+    assert predictor.streams == streams
+    factory = make_session_factory(make_engine(integration_settings.resolved_database_url))
+    classifier = BatchClassifier(integration_settings, factory, S3Storage(integration_settings), predictor)
+    both_inside = threading.Barrier(2)
+    met, logits = [], predictor.runner.logits
+
+    def meet_then_score(pixels):
+        try:
+            both_inside.wait(timeout=2)
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
+        return logits(pixels)
+
+    predictor.runner.logits = meet_then_score
+    try:
+        ids = _put_and_record(classifier, s3_buckets, {f"in-flight/{i}.jpg": make_image_bytes(color=(i * 90, 9, 9))
+                                                       for i in range(2)})
+        with ThreadPoolExecutor(2) as pool:
+            reports = list(pool.map(classifier.run, [[item_id] for item_id in ids.values()]))
+    finally:
+        classifier.close()
+    assert [report.classified for report in reports] == [1, 1]
+    assert met == ([True, True] if streams == 2 else [False, False])
