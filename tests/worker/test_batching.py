@@ -17,33 +17,34 @@ from worker.batching import BatchingTask
 
 
 class FakeTimer:
+    """kombu's timer as the layer uses it: one-shot entries, fired by :meth:`tick` once they are due."""
+
     def __init__(self) -> None:
-        self.repeating: list = []
         self.later: list = []
 
-    def call_repeatedly(self, secs, fun, args=(), kwargs=None):
-        entry = _Entry(fun, args)
-        self.repeating.append(entry)
-        return entry
-
     def call_after(self, secs, fun, args=(), kwargs=None):
-        entry = _Entry(fun, args)
+        entry = _Entry(fun, args, time.monotonic() + secs)
         self.later.append(entry)
         return entry
 
     def clear(self) -> None:  # what celery/worker/loops.py does on a connection loss
-        self.repeating.clear()
         self.later.clear()
 
     def tick(self) -> None:
-        for entry in list(self.repeating):
+        due = [entry for entry in self.later if entry.due <= time.monotonic()]
+        self.later = [entry for entry in self.later if entry not in due]
+        for entry in due:
             if not entry.cancelled:
                 entry.fun(*entry.args)
 
+    @property
+    def armed(self) -> list:
+        return [entry for entry in self.later if not entry.cancelled]
+
 
 class _Entry:
-    def __init__(self, fun, args) -> None:
-        self.fun, self.args, self.cancelled = fun, args, False
+    def __init__(self, fun, args, due: float) -> None:
+        self.fun, self.args, self.due, self.cancelled = fun, args, due, False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -120,11 +121,38 @@ def test_a_full_buffer_flushes_at_once_and_acks_after_the_batch(batching):
 def test_a_partial_buffer_flushes_once_it_waited_max_wait(batching):
     batching.send("a")
     batching.send("b")
-    batching.consumer.timer.tick()  # starts the wait
-    assert batching.batches == []
+    batching.consumer.timer.tick()
+    assert batching.batches == []  # not yet: the first message has waited less than max_wait
     time.sleep(0.06)
     batching.consumer.timer.tick()
     assert batching.batches == [["a", "b"]]
+
+
+def test_the_flush_timer_is_armed_only_while_a_partial_buffer_waits(batching):
+    # An idle worker's event loop is not woken up (a repeating timer cost an idle worker 2.4 % of a core).
+    assert batching.consumer.timer.armed == []
+    for name in ("a", "b", "c"):
+        batching.send(name)  # a full buffer goes at once: nothing to wait for
+    assert batching.batches == [["a", "b", "c"]] and batching.consumer.timer.armed == []
+    batching.send("d")
+    assert len(batching.consumer.timer.armed) == 1
+    batching.send("e")
+    assert len(batching.consumer.timer.armed) == 1  # one wait per buffer, not per message
+    time.sleep(0.06)
+    batching.consumer.timer.tick()
+    assert batching.batches[-1] == ["d", "e"] and batching.consumer.timer.armed == []
+
+
+def test_a_waiting_buffer_is_looked_at_again_while_every_slot_is_busy(batching):
+    batching.task._in_flight = batching.task.slots  # a batch is running in the only slot
+    batching.send("a")
+    time.sleep(0.06)
+    batching.consumer.timer.tick()
+    assert batching.batches == [] and len(batching.consumer.timer.armed) == 1  # re-armed, not dropped
+    batching.task._in_flight = 0
+    time.sleep(0.02)
+    batching.consumer.timer.tick()
+    assert batching.batches == [["a"]]
 
 
 def test_partial_batches_still_flush_on_time_after_the_consumer_restarts(batching):
@@ -141,7 +169,7 @@ def test_partial_batches_still_flush_on_time_after_the_consumer_restarts(batchin
     time.sleep(0.06)
     batching.consumer.timer.tick()
     assert batching.batches == [["a"], ["b"]]
-    assert batching.task.starts == 2 and len(batching.consumer.timer.repeating) == 1
+    assert batching.task.starts == 2 and batching.consumer.timer.armed == []
 
 
 def test_a_failed_batch_goes_back_to_the_queue(batching):
