@@ -13,8 +13,8 @@ acknowledging 0.20 ms, of which
   makes are deferred and sent as one ZREM and one HDEL over the whole batch (0.01 ms per message). Celery
   (5.6) does not ack where the batch ends, though: each task's ack is a promise that the consumer runs on
   its event loop later (``call_soon``), outside any such block. So on a worker's event loop every ack is
-  coalesced instead: the acks of one pass of the loop go to Redis together, in one round trip, at the start
-  of the next pass (:meth:`QoS.ack`); before, a batch of 32 cost 32 round trips on the loop's thread;
+  coalesced instead: the acks of one pass of the loop go to Redis together, in one round trip, before the
+  loop polls again (:meth:`QoS.ack`); before, a batch of 32 cost 32 round trips on the loop's thread;
 * each message was its own ``BRPOP`` and then its own MULTI/EXEC to register it as unacknowledged. On
   Redis 7 (or Valkey) :class:`Channel` pops up to the free prefetch slots (a batch) with one ``BLMPOP ...
   COUNT n`` and registers them all in one MULTI/EXEC before delivering any, so a message is never handed to
@@ -74,9 +74,8 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         #: Tags registered as unacknowledged in Redis by :meth:`register_popped`, not yet delivered.
         self._registered: set = set()
-        #: Acks made on (or handed to) the event loop, waiting for the loop's next pass.
+        #: Acks made on the worker's event loop in this pass of it (only that thread touches the list).
         self._coalesced: list[str] = []
-        self._coalesced_lock = threading.Lock()
 
     def register_popped(self, payloads: list[dict]) -> None:
         """Record messages popped together as unacknowledged, one MULTI/EXEC for all (kombu's ``append`` format)."""
@@ -104,20 +103,19 @@ class QoS(kombu_redis.QoS):
             pending.append((self, delivery_tag))
             return
         hub = getattr(self.channel.connection, "hub", None)
-        if hub is None:  # no event loop (a producer, a test's channel): at once
-            super().ack(delivery_tag)
+        if hub is None or getattr(hub, "_loop_thread", None) != threading.get_ident():
+            super().ack(delivery_tag)  # no event loop (a producer, a test's channel) or not on its thread: at once
             return
-        with self._coalesced_lock:
-            self._coalesced.append(delivery_tag)
-            first = len(self._coalesced) == 1
-        if first:
-            # The loop runs this after the callbacks it is running now: Celery's promised acks of one batch
-            # arrive in the same pass, and all of them go in this one round trip.
-            hub.call_soon(self._ack_coalesced)
+        self._coalesced.append(delivery_tag)
+        if len(self._coalesced) == 1:
+            # A timer due now runs in this same pass of the loop, after the callbacks it is running (Celery's
+            # promised acks of one batch arrive together) and before the loop polls, or asks Redis for more
+            # messages: the freed prefetch slots count at once. (``call_soon`` from the loop's own thread would
+            # wait for the next pass, and so for the poll's timeout: up to a second per batch of one.)
+            hub.call_later(0, self._ack_coalesced)
 
     def _ack_coalesced(self) -> None:
-        with self._coalesced_lock:
-            tags, self._coalesced = self._coalesced, []
+        tags, self._coalesced = self._coalesced, []
         try:
             self.ack_many(tags)
         except Exception:  # as kombu's ack_log_error: logged, and Redis redelivers them after the visibility timeout

@@ -150,12 +150,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, description="Most tasks classified in one forward pass.")
     batch_wait_ms: int = Field(50, ge=0, description="Longest wait for a batch to fill before it runs anyway.")
     worker_pool: Literal["solo", "threads"] = Field(
-        "solo",
-        description="Celery pool; both load one model per process. solo runs one batch at a time (best when the "
-        "model runs on the CPU); threads overlaps one batch's fetch and decode with another's forward pass "
-        "(use it with 2 on GPU workers).",
+        "threads",
+        description="Celery pool; both load one model per process. threads runs DFMOD_WORKER_CONCURRENCY batches "
+        "at once, so one batch's fetch, decode and database round trips overlap another's forward pass and the "
+        "worker's cores stay busy (CPU and GPU workers); solo runs one batch at a time.",
     )
-    worker_concurrency: int = Field(1, ge=1, description="Batches in flight per worker (threads pool only).")
+    worker_concurrency: int = Field(2, ge=1, description="Batches in flight per worker (threads pool only).")
     inference_streams: int | None = Field(
         None, ge=1,
         description="Forward passes that may run at once in a CPU worker, each on its own share of the intra-op "

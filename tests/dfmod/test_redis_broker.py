@@ -216,3 +216,25 @@ def test_a_burst_redis_will_not_register_goes_back_on_the_queue(redis_url):
             assert admin.llen(QUEUE.name) == 12 and admin.hlen("unacked") == 0
             bodies = [json.loads(raw)["body"] for raw in admin.lrange(QUEUE.name, 0, -1)]
             assert len(set(bodies)) == 12  # each message once
+
+
+def test_acks_made_on_the_event_loop_reach_redis_together_in_the_same_pass(delivered, redis_url):
+    # Celery acks each task through a promise that its event loop runs later, outside batched_acks: there the
+    # acks of one pass go in one round trip, and before the loop polls (or asks Redis for more messages).
+    from kombu.asynchronous import Hub
+
+    channel, messages = delivered
+    client = redis.Redis.from_url(redis_url)
+    hub = Hub()
+    channel.connection.register_with_event_loop(channel.connection, hub)
+    for message in messages[:32]:
+        hub.call_soon(message.ack)
+    zrem_before = _calls(client, "zrem")
+    loop = hub.create_loop()
+    next(loop)  # one pass
+    assert client.hlen("unacked") == 8
+    assert _calls(client, "zrem") - zrem_before == 1
+    assert all(message.acknowledged for message in messages[:32])
+    channel.qos._flush()
+    assert len(channel.qos._delivered) == 8  # their prefetch slots are free again
+    hub.close()
