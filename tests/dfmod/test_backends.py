@@ -282,7 +282,6 @@ def test_every_backend_defaults_to_one_thread_per_cpu_of_the_process_mask(export
     assert result.stdout.strip().splitlines()[-1] == "{'onnxruntime': 1, 'openvino': 1, 'torch': 1}"
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs for two streams")
 def test_streams_split_the_threads_and_run_forward_passes_side_by_side(exported_checkpoint):
     # A CPU worker with two batches in flight runs two forward passes at once, each on one of the two threads,
     # and each must score its own batch exactly as a forward pass alone would.

@@ -109,7 +109,7 @@ def test_client_certificate_needs_its_key(chart):
 def test_prometheus_trigger_counts_waiting_and_in_flight(chart, rendered):
     out = rendered["keda-prometheus"]
     assert not out.of_kind("TriggerAuthentication")  # the Redis trigger's auth is not needed
-    for pool, in_flight in {"cpu": 32 * 1, "gpu": 256 * 2}.items():  # batchSize x concurrency (threads pool)
+    for pool, in_flight in {"cpu": 32 * 2, "gpu": 256 * 2}.items():  # batchSize x concurrency (threads pool)
         trigger = _scaled_object(chart, out, pool)["triggers"][0]
         assert trigger["type"] == "prometheus"
         meta = trigger["metadata"]
