@@ -739,7 +739,6 @@ def run_worker_only(
     from concurrent.futures import ThreadPoolExecutor
 
     from dfmod.db import make_engine, make_session_factory, session_scope
-    from dfmod.detector import Predictor
     from dfmod.lifecycle import NewItem, record_items
     from dfmod.settings import Settings
     from dfmod.storage import make_storage
@@ -774,10 +773,7 @@ def run_worker_only(
             storage.put(settings.upload_bucket, key, data, "image/jpeg")
         with session_scope(factory) as session:
             ids = [r.item.id for r in record_items(session, [NewItem(settings.upload_bucket, key) for key in keys])]
-        predictor = Predictor(
-            settings.checkpoint, device=settings.device, torch_threads=settings.torch_threads,
-            backend=settings.backend, precision=settings.precision, streams=settings.resolved_inference_streams,
-        )
+        predictor = _default_predictor(settings)
         model_img_s, model_cpu_ms = _throughput(predictor, settings.batch_size, 3.0)
         classifier = BatchClassifier(settings, factory, storage, predictor)
         size = settings.batch_size
