@@ -240,30 +240,15 @@ class _Process:
 def _throughput(predictor, batch_size: int, seconds: float) -> tuple[float, float]:
     """(img/s, CPU ms per image) of the predictor on random uint8 pixels at ``batch_size``, with as many
     batches in the model at once as it has streams (as the worker runs it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
+
+    from dfmod.detector import measure_throughput
 
     _, height, width = predictor.meta.input_size
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
-    streams = getattr(predictor, "streams", 1)
     for _ in range(2):
         predictor.predict_pixels(pixels)
-    started, cpu_started = time.perf_counter(), time.process_time()
-
-    def stream() -> int:
-        done = 0
-        while time.perf_counter() - started < seconds or done < 3 * batch_size:
-            predictor.predict_pixels(pixels)  # returns on the host: a CUDA batch has finished by then
-            done += batch_size
-        return done
-
-    if streams == 1:
-        done = stream()
-    else:
-        with ThreadPoolExecutor(streams) as pool:
-            done = sum(pool.map(lambda _: stream(), range(streams)))
-    return done / (time.perf_counter() - started), 1000.0 * (time.process_time() - cpu_started) / done
+    return measure_throughput(predictor.predict_pixels, pixels, seconds, getattr(predictor, "streams", 1))
 
 
 def serving_candidates(checkpoint) -> list[tuple[str, str]]:
@@ -297,6 +282,7 @@ def _default_predictor(settings):
     return Predictor(
         settings.checkpoint, backend=settings.backend, precision=settings.precision, device=settings.device,
         torch_threads=settings.torch_threads, streams=settings.resolved_inference_streams,
+        trial_seconds=settings.backend_trial_s, trial_batch=settings.batch_size,
     )
 
 
@@ -548,6 +534,11 @@ def run_bench(
         with _pinned(worker_cpus):  # the forward pass where the worker will run it
             model = _model_only(settings, settings.batch_size, model_seconds, progress)
         model_img_s, device, model_cpu_ms = model["img_s"], model["device"], model["cpu_ms"]
+        if device == "cpu":
+            # Every worker below serves what auto picked here (its trial timed on the worker's CPUs), so the
+            # drains, the forward pass's CPU measured after them and `backend` are one and the same.
+            backend_name, precision_name = model["backend"].split("-", 1)
+            settings = settings.model_copy(update={"backend": backend_name, "precision": precision_name})
         torch_available = importlib.util.find_spec("torch") is not None and model["backend"] != "torch-fp32"
 
         # Every phase gets images no earlier phase or run has seen: identical bytes would take the

@@ -18,7 +18,8 @@ into the exported ONNX/OpenVINO graph. Nothing here needs torch.
 **Backends** (:class:`Predictor`, chosen by ``DFMOD_BACKEND`` / ``DFMOD_PRECISION``): ``torch`` (CPU or
 CUDA), ``onnxruntime`` and ``openvino`` (CPU), each at fp32, bf16 (OpenVINO, on CPUs with native bf16) or
 int8 (static quantization, only where it passed the acceptance check). ``auto`` takes the fastest
-accepted combination installed for the device and says why (:func:`choose_backend`).
+accepted combination installed for the device and says why (:func:`choose_backend`); where a worker starts it
+times the two best-ranked ones on the CPU it runs on and keeps the faster (:data:`TRIAL_CANDIDATES`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -347,8 +348,11 @@ def _auto_device(device: str) -> str:
     return "cpu"
 
 
-def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "auto", device: str = "auto") -> BackendChoice:
-    """Which backend and precision serve ``checkpoint``, and why; raises :class:`ModelNotAvailable` if none can."""
+def viable_backends(
+    checkpoint: Path, backend: str = "auto", precision: str = "auto", device: str = "auto"
+) -> tuple[list[BackendChoice], list[str]]:
+    """Every combination that can serve ``checkpoint`` as configured, fastest first by :func:`cpu_ranking`, and
+    why each of the others cannot (installed, accepted, supported by the CPU, exported)."""
     checkpoint = Path(checkpoint)
     device = _auto_device(device)
     meta = read_meta(checkpoint)
@@ -363,9 +367,11 @@ def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "au
         path = serving_file(checkpoint, "torch", "fp32")
         if path is None or not backend_installed("torch"):
             raise ModelNotAvailable("CUDA needs the torch backend and the .safetensors checkpoint (pip install dfmod[gpu])")
-        return BackendChoice("torch", "autocast", path, "cuda", "cuda: torch with bf16/fp16 autocast")
+        return [BackendChoice("torch", "autocast", path, "cuda", "cuda: torch with bf16/fp16 autocast")], []
     accepted = accepted_precisions(checkpoint) if sidecar else {}
-    skipped = []
+    viable: list[BackendChoice] = []
+    skipped: list[str] = []
+    how = "auto: fastest accepted one installed for cpu" if backend == "auto" and precision == "auto" else "configured"
     for candidate_backend, candidate_precision in cpu_ranking():
         label = f"{candidate_backend}-{candidate_precision}"
         if backend not in ("auto", candidate_backend) or precision not in ("auto", candidate_precision):
@@ -387,14 +393,89 @@ def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "au
         if path is None:
             skipped.append(f"{label}: no exported file beside {checkpoint.name}")
             continue
-        how = "auto: fastest accepted one installed for cpu" if backend == "auto" and precision == "auto" else "configured"
         reason = how + (f" (skipped {'; '.join(skipped)})" if skipped else "")
-        return BackendChoice(candidate_backend, candidate_precision, path, "cpu", reason)
-    raise ModelNotAvailable(
-        f"no backend can serve {checkpoint.name} with DFMOD_BACKEND={backend}, DFMOD_PRECISION={precision}: "
-        + ("; ".join(skipped) or "no such combination")
-        + ". Install an extra (pip install 'dfmod[openvino]' or 'dfmod[training]') or run `dfmod export`."
-    )
+        viable.append(BackendChoice(candidate_backend, candidate_precision, path, "cpu", reason))
+    return viable, skipped
+
+
+def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "auto", device: str = "auto") -> BackendChoice:
+    """Which backend and precision serve ``checkpoint``, and why; raises :class:`ModelNotAvailable` if none can."""
+    viable, skipped = viable_backends(checkpoint, backend, precision, device)
+    if not viable:
+        raise ModelNotAvailable(
+            f"no backend can serve {Path(checkpoint).name} with DFMOD_BACKEND={backend}, DFMOD_PRECISION={precision}: "
+            + ("; ".join(skipped) or "no such combination")
+            + ". Install an extra (pip install 'dfmod[openvino]' or 'dfmod[training]') or run `dfmod export`."
+        )
+    return viable[0]
+
+
+def measure_throughput(run, pixels: np.ndarray, seconds: float, streams: int = 1, min_passes: int = 3) -> tuple[float, float]:
+    """(img/s, CPU ms per image) of ``run(pixels)`` called for ``seconds`` (at least ``min_passes`` times per
+    stream) from ``streams`` threads at once, as a worker with that many batches in the model runs it."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def stream() -> int:
+        done = passes = 0
+        while time.perf_counter() - started < seconds or passes < min_passes:
+            run(pixels)  # returns on the host: a CUDA batch has finished by then
+            done, passes = done + len(pixels), passes + 1
+        return done
+
+    if streams == 1:
+        done = stream()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(streams) as pool:
+            done = sum(pool.map(lambda _: stream(), range(streams)))
+    return done / (time.perf_counter() - started), 1000.0 * (time.process_time() - cpu_started) / done
+
+
+#: ``auto`` with a trial (the worker's ``DFMOD_BACKEND_TRIAL_S``) times this many of the best-ranked viable
+#: combinations on the CPU it runs on. On AVX512-BF16 CPUs without AMX, OpenVINO's bf16 and int8 trade places
+#: from one VM to the next and within a day (docs/benchmarks.md: int8 ahead in 12 of 13 benches of 2026-12-05,
+#: bf16 in most of 2026-12-02); every other combination measured far behind the first two everywhere.
+TRIAL_CANDIDATES = 2
+#: A lower-ranked combination replaces a higher-ranked one only when it is this much faster: within it, the
+#: ranking's order stands (bf16 keeps more labels of fp32 than int8 does: 99.8 % against 99.6 % on Test).
+TRIAL_MARGIN = 0.03
+TRIAL_ROUNDS = 4
+
+
+def _trial(candidates: list[BackendChoice], threads: int | None, streams: int, meta: ModelMeta, batch_size: int,
+           seconds: float):
+    """Load each candidate and time it at ``batch_size`` with the serving threads and streams; returns (the
+    choice, its runner, img/s by candidate).
+
+    A shared VM's speed drifts by tens of percent within seconds, so the candidates are compared in pairs
+    timed back to back, in an order that alternates round by round (ABBA cancels a steady drift), and a
+    challenger wins on the median of its per-round ratios to the one ahead of it.
+    """
+    import statistics
+
+    runners = {choice.name: load_runner(choice, threads, streams) for choice in candidates}
+    _, height, width = meta.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+    for runner in runners.values():
+        runner.logits(pixels)  # the first pass allocates and tunes
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for round_index in range(TRIAL_ROUNDS):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            runner = runners[name]
+            runs[name].append(measure_throughput(runner.logits, pixels, seconds / TRIAL_ROUNDS / len(runners),
+                                                 runner.streams, min_passes=1)[0])
+    img_s = {name: statistics.median(values) for name, values in runs.items()}
+    best = candidates[0]
+    for challenger in candidates[1:]:
+        ratios = [mine / theirs for mine, theirs in zip(runs[challenger.name], runs[best.name], strict=True)]
+        if statistics.median(ratios) > 1 + TRIAL_MARGIN:
+            best = challenger
+    timed = ", ".join(f"{name} {value:.0f} img/s" for name, value in img_s.items())
+    reason = (f"auto: timed on this CPU at batch {batch_size}: {timed} (a lower-ranked one wins only when "
+              f"{TRIAL_MARGIN:.0%} faster)") + best.reason.removeprefix("auto: fastest accepted one installed for cpu")
+    return replace(best, reason=reason), runners[best.name], img_s
 
 
 class OnnxRuntimeRunner:
@@ -515,11 +596,24 @@ class Predictor:
         precision: str = "auto",
         operating_point: str | None = None,
         streams: int = 1,
+        trial_seconds: float = 0.0,
+        trial_batch: int = 32,
     ) -> None:
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
         self.meta = read_meta(self.checkpoint_path)
         self.choice = choose_backend(self.checkpoint_path, backend, precision, device)
-        self.runner = load_runner(self.choice, torch_threads, streams)
+        # img/s of each combination auto timed here (empty without a trial): the static ranking is a guess
+        # about the CPU, the trial measures it (see TRIAL_CANDIDATES).
+        self.trial: dict[str, float] = {}
+        candidates = []
+        if trial_seconds > 0 and self.choice.reason.startswith("auto"):
+            candidates = viable_backends(self.checkpoint_path, backend, precision, device)[0][:TRIAL_CANDIDATES]
+        if len(candidates) > 1:
+            self.choice, self.runner, self.trial = _trial(
+                candidates, torch_threads, streams, self.meta, trial_batch, trial_seconds
+            )
+        else:
+            self.runner = load_runner(self.choice, torch_threads, streams)
         # Forward passes that may run at once (the worker lets this many batches into the model together).
         self.streams = self.runner.streams
         self.device = self.choice.device

@@ -47,6 +47,12 @@ MODEL_INFO = Gauge(
     "backend was chosen (auto or configured).",
     ["model_version", "device", "backend", "backend_choice"],
 )
+BACKEND_TRIAL_IMG_S = Gauge(
+    "dfmod_backend_trial_images_per_second",
+    "img/s each backend-precision reached when auto timed the best-ranked ones on this worker's CPU at start "
+    "(DFMOD_BACKEND_TRIAL_S); dfmod_model_info says which one it kept.",
+    ["backend"],
+)
 HTTP_REQUESTS = Counter(
     "dfmod_http_requests_total", "HTTP requests served by the API.", ["method", "route", "status"]
 )

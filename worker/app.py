@@ -56,8 +56,11 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     predictor = Predictor(
         settings.checkpoint, device=settings.device, threshold=settings.threshold, torch_threads=settings.torch_threads,
         backend=settings.backend, precision=settings.precision, operating_point=settings.operating_point,
-        streams=settings.resolved_inference_streams,
+        streams=settings.resolved_inference_streams, trial_seconds=settings.backend_trial_s,
+        trial_batch=settings.batch_size,
     )
+    for name, img_s in predictor.trial.items():
+        telemetry.BACKEND_TRIAL_IMG_S.labels(backend=name).set(img_s)
     predictor.warmup(min(settings.batch_size, 8))
     telemetry.MODEL_INFO.labels(
         model_version=predictor.model_version, device=predictor.device, backend=predictor.backend,

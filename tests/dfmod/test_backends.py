@@ -3,6 +3,7 @@ the precision acceptance rule, and a torch-free import of the API and the ONNX R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,37 +59,38 @@ def test_every_backend_computes_the_same_probabilities_from_the_same_pixels(expo
     np.testing.assert_allclose(results["openvino"], results["torch"], rtol=1e-5, atol=1e-4)
 
 
+@contextlib.contextmanager
+def _accepted(exported_checkpoint, precisions: dict):
+    """The exported test model's sidecar with ``precisions`` as its acceptance figures, restored afterwards."""
+    sidecar_file = exported_checkpoint.parent / "test.json"
+    original = sidecar_file.read_text()
+    document = json.loads(original)
+    document["precisions"] = precisions
+    sidecar_file.write_text(json.dumps(document))
+    try:
+        yield
+    finally:
+        sidecar_file.write_text(original)
+
+
 @pytest.mark.parametrize(("native_bf16", "expected"), [(True, "openvino-bf16"), (False, "openvino-int8")])
 def test_auto_prefers_bf16_on_cpus_with_native_bf16_and_int8_elsewhere(
     exported_checkpoint, monkeypatch, native_bf16, expected
 ):
     """With both accepted, bf16 beats int8 where the CPU has AMX or AVX512-BF16 (see detector.BF16_CPU_RANKING)."""
-    sidecar_file = exported_checkpoint.parent / "test.json"
-    original = sidecar_file.read_text()
-    document = json.loads(original)
-    try:
-        document["precisions"] = {"openvino-bf16": {"accepted": True}, "openvino-int8": {"accepted": True}}
-        sidecar_file.write_text(json.dumps(document))
-        monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: native_bf16)
+    with _accepted(exported_checkpoint, {"openvino-bf16": {"accepted": True}, "openvino-int8": {"accepted": True}}):
         assert choose_backend(exported_checkpoint, device="cpu").name == expected
-    finally:
-        sidecar_file.write_text(original)
 
 
 def test_auto_takes_the_fastest_accepted_backend_and_says_why(exported_checkpoint, monkeypatch):
-    sidecar_file = exported_checkpoint.parent / "test.json"
-    document = json.loads(sidecar_file.read_text())
-    original = sidecar_file.read_text()
-    try:
-        document["precisions"] = {"onnxruntime-int8": {"accepted": True}, "openvino-int8": {"accepted": False}}
-        sidecar_file.write_text(json.dumps(document))
-        monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: False)
+    with _accepted(exported_checkpoint, {"onnxruntime-int8": {"accepted": True}, "openvino-int8": {"accepted": False}}):
         choice = choose_backend(exported_checkpoint, device="cpu")
         assert (choice.backend, choice.precision) == ("onnxruntime", "int8")
         assert choice.reason.startswith("auto") and "openvino-int8: not accepted" in choice.reason
-        # Without the int8 acceptance, fp32 on the fastest installed backend (bf16 needs the CPU's support).
-        document["precisions"] = {}
-        sidecar_file.write_text(json.dumps(document))
+    # Without the int8 acceptance, fp32 on the fastest installed backend (bf16 needs the CPU's support).
+    with _accepted(exported_checkpoint, {}):
         choice = choose_backend(exported_checkpoint, device="cpu")
         assert choice.name == "openvino-fp32" and "openvino-bf16: CPU has no avx512_bf16/amx" in choice.reason
         assert choose_backend(exported_checkpoint, backend="onnxruntime", device="cpu").name == "onnxruntime-fp32"
@@ -99,8 +101,50 @@ def test_auto_takes_the_fastest_accepted_backend_and_says_why(exported_checkpoin
         assert choose_backend(exported_checkpoint, device="cpu").name == "onnxruntime-fp32"
         with pytest.raises(ModelNotAvailable, match="openvino-fp32: not installed"):
             choose_backend(exported_checkpoint, backend="openvino", precision="fp32", device="cpu")
-    finally:
-        sidecar_file.write_text(original)
+
+
+@pytest.mark.parametrize(
+    ("bf16_img_s", "int8_img_s", "kept"),
+    [(450.0, 500.0, "openvino-int8"), (450.0, 460.0, "openvino-bf16"), (700.0, 600.0, "openvino-bf16")],
+)
+def test_a_trial_times_the_two_best_ranked_and_a_lower_ranked_one_must_be_clearly_faster(
+    exported_checkpoint, monkeypatch, bf16_img_s, int8_img_s, kept
+):
+    """On a CPU with native bf16, bf16 ranks first; the trial keeps int8 only when it is TRIAL_MARGIN faster."""
+    monkeypatch.setattr(detector, "cpu_has_native_bf16", lambda: True)
+    timed = []
+
+    def fake_throughput(run, pixels, seconds, streams=1, min_passes=3):
+        precision = run.__self__.precision  # the runner's bound logits
+        timed.append((precision, pixels.shape, streams))
+        return {"bf16": bf16_img_s, "int8": int8_img_s}[precision], 1.0
+
+    monkeypatch.setattr(detector, "measure_throughput", fake_throughput)
+    with _accepted(exported_checkpoint, {"openvino-bf16": {"accepted": True}, "openvino-int8": {"accepted": True}}):
+        predictor = Predictor(exported_checkpoint, device="cpu", torch_threads=2, streams=2, trial_seconds=0.3,
+                              trial_batch=4)
+    assert predictor.backend == kept and predictor.choice.name == kept
+    assert predictor.trial == {"openvino-bf16": bf16_img_s, "openvino-int8": int8_img_s}
+    assert "timed on this CPU at batch 4" in predictor.choice.reason and f"openvino-int8 {int8_img_s:.0f} img/s" in (
+        predictor.choice.reason)
+    # Rounds in alternating order (bf16 int8, int8 bf16, ...), each at the trial's batch with the serving
+    # streams; fp32 was never loaded.
+    assert [precision for precision, _, _ in timed] == ["bf16", "int8", "int8", "bf16"] * (detector.TRIAL_ROUNDS // 2)
+    assert {(shape, streams) for _, shape, streams in timed} == {((4, 224, 224, 3), 2)}
+    assert predictor.predict_pixels(_pixels(2)).shape == (2,)  # the kept runner serves
+
+
+def test_no_trial_where_the_backend_is_configured_or_only_one_can_serve(exported_checkpoint, checkpoint_path):
+    configured = Predictor(exported_checkpoint, device="cpu", backend="openvino", precision="fp32", trial_seconds=5)
+    assert configured.trial == {} and configured.choice.reason == "configured"
+    only_torch = Predictor(checkpoint_path, device="cpu", trial_seconds=5)
+    assert only_torch.trial == {} and only_torch.backend == "torch-fp32"
+
+
+def test_a_real_trial_measures_both_and_keeps_one_of_them(exported_checkpoint):
+    predictor = Predictor(exported_checkpoint, device="cpu", torch_threads=1, trial_seconds=0.3, trial_batch=2)
+    assert len(predictor.trial) == 2 and all(img_s > 0 for img_s in predictor.trial.values())
+    assert predictor.backend in predictor.trial and predictor.choice.reason.startswith("auto: timed")
 
 
 def test_a_checkpoint_without_exported_files_is_served_by_torch(checkpoint_path):
@@ -231,7 +275,7 @@ def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):
         image = Image.new("RGB", (300, 200), (120, 80, 60))
         _cam, _p, method = dfmod.gradcam.heatmap(predictor, image)
         loaded = sorted(m for m in ("torch", "timm", "torchvision") if sys.modules.get(m) is not None)
-        print(predictor.backend, method, loaded)
+        print(predictor.backend, method, len(predictor.trial), loaded)
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DFMOD_")}
@@ -240,8 +284,10 @@ def test_the_api_and_the_onnxruntime_worker_path_never_import_torch(tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    backend, method, loaded = result.stdout.split(maxsplit=2)
+    backend, method, timed, loaded = result.stdout.split(maxsplit=3)
     assert backend.startswith(("onnxruntime-", "openvino-")) and method == "occlusion" and loaded.strip() == "[]"
+    # The worker's auto timed the two best-ranked combinations on this CPU (DFMOD_BACKEND_TRIAL_S, on by default).
+    assert int(timed) == 2
 
 
 @pytest.mark.parametrize(
