@@ -53,6 +53,10 @@ def test_bench_json_reports_every_phase_and_where_the_cpu_went(tmp_path, exporte
     # The bench's workers never sweep: on an operator's database that would pull its other stuck items
     # onto the bench's queue, into the measured drains.
     assert "stuck-item sweep off" in batched_log and "stuck-item sweep off" in unbatched_log
+    # auto's trial ran where the model-only phase ran, and every worker then served what it picked.
+    assert "timed on this CPU" in result["backend_reason"]
+    for log in (batched_log, unbatched_log):
+        assert f"with backend {result['backend']} from" in log
 
     # Backends: the default is what auto picked (not torch: the model is exported), every installed backend
     # was measured at the same batch, and the end-to-end drain was repeated with a torch worker.
@@ -200,3 +204,4 @@ def test_each_drain_refreshes_the_statistics_of_the_tables_the_workers_query(cle
     _analyze(factory)
     assert estimated_rows() == 7
     engine.dispose()
+
