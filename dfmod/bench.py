@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -216,16 +217,23 @@ class _Process:
             self.process = subprocess.Popen(
                 args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
             )
+        try:
+            self._wait_until_ready(args, ready, port)
+        except BaseException:  # not ready in time, or the bench itself stopped (SIGTERM) meanwhile
+            self.stop()
+            raise
+
+    def _wait_until_ready(self, args: list[str], ready: bytes | None, port: int | None) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{args[3]} exited at start:\n{log.read_text()[-3000:]}")
-            if ready and ready in log.read_bytes():
+                raise RuntimeError(f"{args[3]} exited at start:\n{self.log.read_text()[-3000:]}")
+            if ready and ready in self.log.read_bytes():
                 return
             if port and port_open(port):
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"{args} not ready:\n{log.read_text()[-3000:]}")
+        raise TimeoutError(f"{args} not ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -831,6 +839,10 @@ def bench_command(
     ),
 ) -> None:
     """Measure model-only, end-to-end, unbatched throughput and upload-to-verdict latency on this machine."""
+    # A SIGTERM (a CI job's timeout, `kill`) unwinds as an exception does: the workers, the S3 server and the
+    # API stop in order and the bench's temporary folder goes, instead of staying behind with its database
+    # and objects.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     say = (lambda message: print(message, file=sys.stderr)) if as_json else print
     if worker_only:
         outcome = run_worker_only(images, images_from, profile, progress=say, services=services)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -508,14 +509,35 @@ class OnnxRuntimeRunner:
         return self.session.run(None, {self.input_name: pixels})[0]
 
 
+_openvino_core = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core():
+    """The process's one OpenVINO ``Core``, kept for the life of the process.
+
+    A Core's first compile points the calling thread's signal stack (``sigaltstack``) at memory of its own,
+    and a Core that goes away puts back whichever stack it found, even one a Core already gone had freed.
+    With a Core per model, discarding one (auto's trial discards the slower; the bench, its model-only
+    predictors) could leave the main thread's signal stack dangling; the next signal with a Python handler
+    (Celery's warm shutdown on SIGTERM, pytest's timeout alarm) then killed the process with a SIGSEGV the
+    kernel raised while delivering it. One Core keeps the stack valid.
+    """
+    global _openvino_core
+    with _openvino_core_lock:
+        if _openvino_core is None:
+            import openvino as ov
+
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
 class OpenVinoRunner:
     """The ``openvino`` backend on CPU: an OpenVINO IR (``.xml``) or the ``.onnx`` file read directly."""
 
     backend = "openvino"
 
     def __init__(self, path: Path, precision: str, threads: int | None = None, streams: int = 1) -> None:
-        import openvino as ov
-
         # One stream: every thread on each forward pass (LATENCY). Several: OpenVINO's streams, each with its
         # share of the threads and an infer request of its own, so forward passes from several threads run
         # side by side without waiting on each other's parallel sections (THROUGHPUT).
@@ -527,7 +549,7 @@ class OpenVinoRunner:
             config["NUM_STREAMS"] = streams
         if threads:
             config["INFERENCE_NUM_THREADS"] = max(threads, streams)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(path), "CPU", config)
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # calls from more threads than streams wait
         for _ in range(self.streams):

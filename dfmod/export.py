@@ -154,7 +154,9 @@ def quantize_openvino_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray) 
     import nncf
     import openvino as ov
 
-    model = ov.Core().read_model(str(fp32_onnx))
+    from dfmod.detector import openvino_core
+
+    model = openvino_core().read_model(str(fp32_onnx))  # the process's one Core (see there)
     quantized = nncf.quantize(
         model, nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
         preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),

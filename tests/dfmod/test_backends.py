@@ -371,3 +371,33 @@ def test_streams_split_the_threads_and_run_forward_passes_side_by_side(exported_
     assert result.stdout.strip().splitlines()[-4:] == [
         "onnxruntime 2 1", "openvino 2 1", "torch 2 1", "one cpu: 1",
     ]
+
+
+@pytest.mark.skipif(not detector.backend_installed("openvino"), reason="OpenVINO is not installed")
+def test_openvino_models_loaded_and_dropped_leave_signal_handlers_working():
+    """A process that loaded and dropped several OpenVINO models (auto's trial drops the slower, the bench its
+    model-only ones) still runs its Python signal handlers: Celery's warm shutdown on SIGTERM, here a handler
+    that exits with 143. With a Core per model this order left the main thread's signal stack pointing at
+    freed memory, and SIGTERM killed the process with SIGSEGV instead."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from dfmod.detector import Predictor
+        options = dict(device="cpu", torch_threads=1, backend="openvino")
+        first = Predictor(precision="fp32", **options)
+        second = Predictor(precision="bf16", **options)
+        del first
+        third = Predictor(precision="fp32", **options)
+        del second, third
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        print("handler set", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert "handler set" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 143, (result.returncode, result.stderr[-3000:])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -205,3 +207,40 @@ def test_each_drain_refreshes_the_statistics_of_the_tables_the_workers_query(cle
     assert estimated_rows() == 7
     engine.dispose()
 
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("after_s", [0.0, 6.0], ids=["worker-starting", "draining"])
+def test_a_terminated_bench_stops_what_it_started_and_leaves_no_folder(tmp_path, checkpoint_path, after_s):
+    """SIGTERM while the worker is still starting, and in the middle of a drain: the bench exits with 143,
+    every process it started is gone and so is its temporary folder."""
+    import psutil
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")} | {
+        "DFMOD_CHECKPOINT": str(checkpoint_path), "DFMOD_TORCH_THREADS": "1", "TMPDIR": str(temp),
+    }
+    err_path = tmp_path / "bench.err"
+    with open(err_path, "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dfmod", "bench", "--json", "--images", "4000", "--model-seconds", "0.5",
+             "--repeats", "1"],
+            env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        )
+        try:
+            deadline = time.monotonic() + 200
+            while b"end-to-end:" not in err_path.read_bytes() and time.monotonic() < deadline:
+                assert process.poll() is None, err_path.read_text()[-3000:]
+                time.sleep(0.2)
+            time.sleep(after_s)
+            children = psutil.Process(process.pid).children(recursive=True)
+            assert children and list(temp.glob("dfmod-bench-*")), children
+            process.terminate()
+            assert process.wait(timeout=90) == 128 + signal.SIGTERM, err_path.read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+    assert not list(temp.glob("dfmod-bench-*")), list(temp.rglob("*"))
