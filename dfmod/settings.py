@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         "model (see the model card). bf16 needs a CPU with avx512_bf16 or AMX.",
     )
     backend_trial_s: float = Field(
-        3.0, ge=0.0, le=60.0,
+        4.0, ge=0.0, le=60.0,
         description="auto on CPU: seconds a worker spends as it starts timing the two best-ranked accepted "
         "combinations (e.g. openvino-bf16 and openvino-int8) on its own CPU, at DFMOD_BATCH_SIZE with its threads "
         "and streams; it keeps the faster (the lower-ranked one only when 3 % faster). 0: the ranking alone.",
