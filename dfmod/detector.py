@@ -349,6 +349,9 @@ def _auto_device(device: str) -> str:
     return "cpu"
 
 
+AUTO_REASON = "auto: fastest accepted one installed for cpu"
+
+
 def viable_backends(
     checkpoint: Path, backend: str = "auto", precision: str = "auto", device: str = "auto"
 ) -> tuple[list[BackendChoice], list[str]]:
@@ -372,7 +375,7 @@ def viable_backends(
     accepted = accepted_precisions(checkpoint) if sidecar else {}
     viable: list[BackendChoice] = []
     skipped: list[str] = []
-    how = "auto: fastest accepted one installed for cpu" if backend == "auto" and precision == "auto" else "configured"
+    how = AUTO_REASON if backend == "auto" and precision == "auto" else "configured"
     for candidate_backend, candidate_precision in cpu_ranking():
         label = f"{candidate_backend}-{candidate_precision}"
         if backend not in ("auto", candidate_backend) or precision not in ("auto", candidate_precision):
@@ -401,6 +404,11 @@ def viable_backends(
 
 def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "auto", device: str = "auto") -> BackendChoice:
     """Which backend and precision serve ``checkpoint``, and why; raises :class:`ModelNotAvailable` if none can."""
+    return _serving_candidates(checkpoint, backend, precision, device)[0]
+
+
+def _serving_candidates(checkpoint: Path, backend: str, precision: str, device: str) -> list[BackendChoice]:
+    """:func:`viable_backends`, raising :class:`ModelNotAvailable` with every reason when there is none."""
     viable, skipped = viable_backends(checkpoint, backend, precision, device)
     if not viable:
         raise ModelNotAvailable(
@@ -408,7 +416,7 @@ def choose_backend(checkpoint: Path, backend: str = "auto", precision: str = "au
             + ("; ".join(skipped) or "no such combination")
             + ". Install an extra (pip install 'dfmod[openvino]' or 'dfmod[training]') or run `dfmod export`."
         )
-    return viable[0]
+    return viable
 
 
 def measure_throughput(run, pixels: np.ndarray, seconds: float, streams: int = 1, min_passes: int = 3) -> tuple[float, float]:
@@ -480,7 +488,7 @@ def _trial(candidates: list[BackendChoice], threads: int | None, streams: int, m
             best = challenger
     timed = ", ".join(f"{name} {value:.0f} img/s" for name, value in img_s.items())
     reason = (f"auto: timed on this CPU at batch {batch_size}: {timed} (a lower-ranked one wins only when "
-              f"{TRIAL_MARGIN:.0%} faster)") + best.reason.removeprefix("auto: fastest accepted one installed for cpu")
+              f"{TRIAL_MARGIN:.0%} faster)") + best.reason.removeprefix(AUTO_REASON)
     return replace(best, reason=reason), runners[best.name], img_s
 
 
@@ -628,13 +636,12 @@ class Predictor:
     ) -> None:
         self.checkpoint_path = resolve_checkpoint_path(checkpoint)
         self.meta = read_meta(self.checkpoint_path)
-        self.choice = choose_backend(self.checkpoint_path, backend, precision, device)
+        viable = _serving_candidates(self.checkpoint_path, backend, precision, device)
+        self.choice = viable[0]
         # img/s of each combination auto timed here (empty without a trial): the static ranking is a guess
         # about the CPU, the trial measures it (see TRIAL_CANDIDATES).
         self.trial: dict[str, float] = {}
-        candidates = []
-        if trial_seconds > 0 and self.choice.reason.startswith("auto"):
-            candidates = viable_backends(self.checkpoint_path, backend, precision, device)[0][:TRIAL_CANDIDATES]
+        candidates = viable[:TRIAL_CANDIDATES] if trial_seconds > 0 and self.choice.reason.startswith(AUTO_REASON) else []
         if len(candidates) > 1:
             self.choice, self.runner, self.trial = _trial(
                 candidates, torch_threads, streams, self.meta, trial_batch, trial_seconds
