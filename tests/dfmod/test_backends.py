@@ -59,6 +59,29 @@ def test_every_backend_computes_the_same_probabilities_from_the_same_pixels(expo
     np.testing.assert_allclose(results["openvino"], results["torch"], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not detector.backend_installed("openvino"), reason="OpenVINO is not installed")
+@pytest.mark.parametrize("count", [1, 8, 9, 21])
+def test_openvino_runs_a_batch_in_slices_and_returns_the_rows_of_one_pass(exported_checkpoint, count, monkeypatch):
+    from openvino import InferRequest
+
+    runner = Predictor(exported_checkpoint, device="cpu", torch_threads=1, backend="openvino", precision="fp32").runner
+    pixels = _pixels(count, seed=count)
+    whole = runner.compiled.create_infer_request().infer({0: pixels})[runner.output].copy()
+    passes = []
+    real_infer = InferRequest.infer
+
+    def counted(self, inputs, *args, **kwargs):
+        passes.append(len(inputs[0]))
+        return real_infer(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(InferRequest, "infer", counted)
+    sliced = runner.logits(pixels)
+    slice_size = detector.OPENVINO_SLICE
+    assert passes == [min(slice_size, count - start) for start in range(0, count, slice_size)]
+    assert sliced.dtype == np.float32 and sliced.shape == (count, 2)
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
 @contextlib.contextmanager
 def _accepted(exported_checkpoint, precisions: dict):
     """The exported test model's sidecar with ``precisions`` as its acceptance figures, restored afterwards."""
