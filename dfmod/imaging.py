@@ -163,8 +163,8 @@ class _JpegScan:
     scans: int  # number of SOS markers
 
 
-def _jpeg_scan(data: bytes) -> _JpegScan | None:
-    """Where the first scan's data starts and where the image ends; None if the marker walk fails."""
+def _first_scan_start(data: bytes) -> int | None:
+    """Where the first scan's entropy-coded data starts; None if the marker walk fails."""
     if not data.startswith(_SOI):
         return None
     position = 2
@@ -182,26 +182,32 @@ def _jpeg_scan(data: bytes) -> _JpegScan | None:
         if length < 2:
             return None
         if marker == _SOS:
-            start = position + 2 + length
-            # Entropy-coded data stuffs every 0xFF with 0x00, so these byte pairs can only be markers.
-            end = data.find(_EOI, start)
-            end = len(data) if end < 0 else end
-            scans = 1 + data.count(b"\xff\xda", start, end)
-            return _JpegScan(start, end, scans)
+            return position + 2 + length
         position += 2 + length
     return None
 
 
-def _check_jpeg_scan_size(scan: _JpegScan, width: int, height: int) -> None:
-    """A scan must spend at least one bit on each 8x8 block of the first component it codes."""
+def _jpeg_scan(data: bytes) -> _JpegScan | None:
+    """Where the first scan's data starts and where the image ends; None if the marker walk fails."""
+    start = _first_scan_start(data)
+    if start is None:
+        return None
+    # Entropy-coded data stuffs every 0xFF with 0x00, so these byte pairs can only be markers.
+    end = data.find(_EOI, start)
+    end = len(data) if end < 0 else end
+    scans = 1 + data.count(b"\xff\xda", start, end)
+    return _JpegScan(start, end, scans)
+
+
+def _scan_size_rejection(start: int, end: int, width: int, height: int) -> ImageRejected | None:
+    """The scan-size rule: a scan must spend at least one bit on each 8x8 block of the first component it codes."""
     blocks = math.ceil(width / 8) * math.ceil(height / 8)
-    available_bits = 8 * max(0, scan.end - scan.start)
-    if available_bits < blocks:
-        raise ImageRejected(
-            "truncated",
-            f"the header claims {width}x{height} ({blocks} blocks) but the scan data holds "
-            f"{scan.end - scan.start} bytes",
-        )
+    if 8 * max(0, end - start) >= blocks:
+        return None
+    return ImageRejected(
+        "truncated",
+        f"the header claims {width}x{height} ({blocks} blocks) but the scan data holds {end - start} bytes",
+    )
 
 
 def _checked_jpeg_scan(data: bytes, width: int, height: int) -> _JpegScan:
@@ -209,8 +215,26 @@ def _checked_jpeg_scan(data: bytes, width: int, height: int) -> _JpegScan:
     scan = _jpeg_scan(data)
     if scan is None:
         raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
-    _check_jpeg_scan_size(scan, width, height)
+    if (rejection := _scan_size_rejection(scan.start, scan.end, width, height)) is not None:
+        raise rejection
     return scan
+
+
+def _check_jpeg_scan_size(data: bytes, width: int, height: int) -> None:
+    """:func:`_checked_jpeg_scan`'s checks, with the same outcome and reason, reading only the bytes the rule needs.
+
+    The rule asks for ``blocks / 8`` bytes before the first end-of-image marker, so only those bytes are
+    searched for one (128 of a 256-px face's 15-30 KB). This is the worker's hot path, where searching the
+    whole file and counting its scans cost about 0.07 ms per image.
+    """
+    start = _first_scan_start(data)
+    if start is None:
+        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
+    needed = math.ceil(math.ceil(width / 8) * math.ceil(height / 8) / 8)
+    end = data.find(_EOI, start, start + needed + 1)  # a marker at start + needed or later leaves enough
+    end = min(len(data), start + needed) if end < 0 else end
+    if (rejection := _scan_size_rejection(start, end, width, height)) is not None:
+        raise rejection
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -324,7 +348,7 @@ def decode_jpeg_scaled(
             orientation = image.getexif().get(0x0112, 1)
         except Exception:  # noqa: BLE001 - a malformed EXIF block, whatever it raises: Pillow's path decides
             return None
-    _checked_jpeg_scan(data, width, height)
+    _check_jpeg_scan_size(data, width, height)
     min_width, min_height = target
     if orientation in _TRANSPOSING_ORIENTATIONS:  # the target applies to the picture as displayed
         min_width, min_height = min_height, min_width

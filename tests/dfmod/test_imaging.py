@@ -326,3 +326,35 @@ def _shipped_checkpoint():
     import dfmod
 
     return Path(dfmod.__file__).parent / "models" / "mnv4s-faces256.safetensors"
+
+
+def test_the_hot_paths_scan_check_agrees_with_the_whole_file_walk_at_every_cut():
+    """The scaled decode's scan check reads only the bytes the rule needs; it must reach the same verdict and
+    reason as the whole-file walk: seeded hostile files, and every cut of real scans around the boundary."""
+    import random
+
+    from dfmod.imaging import _check_jpeg_scan_size, _checked_jpeg_scan
+    from tests.utils.hostile_inputs import bad_image, valid_image
+
+    def outcome(check, data, size):
+        try:
+            check(data, *size)
+        except ImageRejected as exc:
+            return exc.reason, str(exc)
+        return "ok"
+
+    rng = random.Random(77)
+    seen = set()
+    cases = [bad_image(rng)[1] if rng.random() < 0.7 else valid_image(rng) for _ in range(200)]
+    for _ in range(6):
+        data = _textured_jpeg(rng, (rng.randrange(16, 300), rng.randrange(16, 300)), quality=rng.randrange(40, 95))
+        start = _scan_start(data)
+        for cut in range(start, min(len(data), start + 400)):  # an end marker at each place in and past the need
+            cases.append(data[:cut] + b"\xff\xd9")
+        cases.append(data[: start + 3])  # cut with no end marker at all
+    for data in cases:
+        for size in ((64, 64), (256, 256), (300, 17), (1, 1)):
+            expected = outcome(_checked_jpeg_scan, data, size)
+            assert outcome(_check_jpeg_scan_size, data, size) == expected, (len(data), size)
+            seen.add(expected if expected == "ok" else expected[0])
+    assert seen == {"ok", "truncated", "corrupt"}
