@@ -82,6 +82,57 @@ def test_openvino_runs_a_batch_in_slices_and_returns_the_rows_of_one_pass(export
     np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not detector.backend_installed("openvino"), reason="OpenVINO is not installed")
+def test_openvino_runs_the_pointwise_head_as_a_matmul_with_the_same_logits(exported_checkpoint):
+    from dfmod.detector import openvino_core
+
+    runner = Predictor(exported_checkpoint, device="cpu", torch_threads=1, backend="openvino", precision="fp32").runner
+    assert runner.matmul_rewrites == 1  # MobileNetV4's conv_head, after the global pooling
+    as_exported = openvino_core().compile_model(
+        str(runner.path), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    )
+
+    def layer_types(compiled) -> list[str]:
+        return [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()]
+
+    assert layer_types(runner.compiled).count("Convolution") == layer_types(as_exported).count("Convolution") - 1
+    pixels = _pixels(3)
+    np.testing.assert_allclose(
+        runner.logits(pixels), as_exported.create_infer_request().infer({0: pixels})[as_exported.output(0)],
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@pytest.mark.skipif(not detector.backend_installed("openvino"), reason="OpenVINO is not installed")
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "stride", "rewritten"),
+    [(1, 1, 1, True), (2, 1, 1, False), (1, 3, 1, False), (3, 1, 2, False)],
+    ids=["pointwise-on-one-pixel", "pointwise-on-2x2", "3x3-on-one-pixel", "strided"],
+)
+def test_only_pointwise_convolutions_of_one_pixel_become_matmuls(spatial, kernel, stride, rewritten):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from dfmod.detector import openvino_core, pointwise_convolutions_as_matmuls
+
+    rng = np.random.default_rng(spatial * 10 + kernel)
+    weights = rng.standard_normal((6, 4, kernel, kernel)).astype(np.float32)
+    pad = kernel // 2
+
+    def model():
+        data = ops.parameter([-1, 4, spatial, spatial], np.float32)
+        conv = ops.convolution(data, ops.constant(weights), [stride, stride], [pad, pad], [pad, pad], [1, 1])
+        return ov.Model([ops.relu(conv)], [data])
+
+    changed = model()
+    assert pointwise_convolutions_as_matmuls(changed) == int(rewritten)
+    inputs = rng.standard_normal((5, 4, spatial, spatial)).astype(np.float32)
+    fp32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    outputs = [openvino_core().compile_model(m, "CPU", fp32).create_infer_request().infer({0: inputs})[0] for m in (changed, model())]
+    assert outputs[0].shape == outputs[1].shape
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
 @contextlib.contextmanager
 def _accepted(exported_checkpoint, precisions: dict):
     """The exported test model's sidecar with ``precisions`` as its acceptance figures, restored afterwards."""
