@@ -549,8 +549,8 @@ def openvino_core():
 #: layer, so each layer's activations for the whole batch pass through the core's caches: on one 2-core Xeon
 #: (2 MB of L2 per core, 2026-12-06), int8 at batch 32 ran 10-29 % slower per image than as four slices of 8
 #: with one thread per pass (the worker's case on one core, or with a stream per core), and level with two
-#: threads; bf16 and fp32 were level either way, as were ONNX Runtime's slices (not sliced). The results are
-#: the same rows either way: each image's logits depend on its own pixels only.
+#: threads; bf16 and fp32 were level either way (ONNX Runtime gained nothing from slices and is not sliced).
+#: The rows are the same either way: each image's logits depend on its own pixels only.
 OPENVINO_SLICE = 8
 
 
