@@ -609,10 +609,10 @@ class OpenVinoRunner:
             config["NUM_STREAMS"] = streams
         if threads:
             config["INFERENCE_NUM_THREADS"] = max(threads, streams)
-        self.path = path
-        model = openvino_core().read_model(str(path))
+        core = openvino_core()
+        model = core.read_model(str(path))
         self.matmul_rewrites = pointwise_convolutions_as_matmuls(model)
-        self.compiled = openvino_core().compile_model(model, "CPU", config)
+        self.compiled = core.compile_model(model, "CPU", config)
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # calls from more threads than streams wait
         for _ in range(self.streams):

@@ -86,10 +86,11 @@ def test_openvino_runs_a_batch_in_slices_and_returns_the_rows_of_one_pass(export
 def test_openvino_runs_the_pointwise_head_as_a_matmul_with_the_same_logits(exported_checkpoint):
     from dfmod.detector import openvino_core
 
-    runner = Predictor(exported_checkpoint, device="cpu", torch_threads=1, backend="openvino", precision="fp32").runner
+    predictor = Predictor(exported_checkpoint, device="cpu", torch_threads=1, backend="openvino", precision="fp32")
+    runner = predictor.runner
     assert runner.matmul_rewrites == 1  # MobileNetV4's conv_head, after the global pooling
     as_exported = openvino_core().compile_model(
-        str(runner.path), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+        str(predictor.choice.path), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
     )
 
     def layer_types(compiled) -> list[str]:
