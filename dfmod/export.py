@@ -165,7 +165,8 @@ def quantize_openvino_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray, 
         preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
         ignored_scope=nncf.IgnoredScope(patterns=list(OPENVINO_FP32_LAYERS), validate=False),
     )
-    quantize_input_to_pixel_range(quantized, meta)
+    if not quantize_input_to_pixel_range(quantized, meta):
+        logger.warning("%s: no quantizer reads the input; its range stays as calibrated", fp32_onnx.name)
     ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
 
