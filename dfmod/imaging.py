@@ -163,14 +163,14 @@ class _JpegScan:
     scans: int  # number of SOS markers
 
 
-def _first_scan_start(data: bytes) -> int | None:
-    """Where the first scan's entropy-coded data starts; None if the marker walk fails."""
+def _first_scan_start(data: bytes) -> int:
+    """Where the first scan's entropy-coded data starts; :class:`ImageRejected` if the marker walk fails."""
     if not data.startswith(_SOI):
-        return None
+        raise _malformed_markers()
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return None
+            raise _malformed_markers()
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1
@@ -180,44 +180,40 @@ def _first_scan_start(data: bytes) -> int | None:
             continue
         length = int.from_bytes(data[position + 2 : position + 4], "big")
         if length < 2:
-            return None
+            raise _malformed_markers()
         if marker == _SOS:
             return position + 2 + length
         position += 2 + length
-    return None
+    raise _malformed_markers()
 
 
-def _jpeg_scan(data: bytes) -> _JpegScan | None:
-    """Where the first scan's data starts and where the image ends; None if the marker walk fails."""
-    start = _first_scan_start(data)
-    if start is None:
-        return None
-    # Entropy-coded data stuffs every 0xFF with 0x00, so these byte pairs can only be markers.
-    end = data.find(_EOI, start)
-    end = len(data) if end < 0 else end
-    scans = 1 + data.count(b"\xff\xda", start, end)
-    return _JpegScan(start, end, scans)
+def _malformed_markers() -> ImageRejected:
+    return ImageRejected("corrupt", "the JPEG's marker segments are malformed")
 
 
-def _scan_size_rejection(start: int, end: int, width: int, height: int) -> ImageRejected | None:
+def _blocks(width: int, height: int) -> int:
+    """8x8 blocks of a component at full resolution: the scan-size rule spends at least one bit on each."""
+    return math.ceil(width / 8) * math.ceil(height / 8)
+
+
+def _check_scan_size(start: int, end: int, width: int, height: int) -> None:
     """The scan-size rule: a scan must spend at least one bit on each 8x8 block of the first component it codes."""
-    blocks = math.ceil(width / 8) * math.ceil(height / 8)
-    if 8 * max(0, end - start) >= blocks:
-        return None
-    return ImageRejected(
-        "truncated",
-        f"the header claims {width}x{height} ({blocks} blocks) but the scan data holds {end - start} bytes",
-    )
+    blocks = _blocks(width, height)
+    if 8 * max(0, end - start) < blocks:
+        raise ImageRejected(
+            "truncated",
+            f"the header claims {width}x{height} ({blocks} blocks) but the scan data holds {end - start} bytes",
+        )
 
 
 def _checked_jpeg_scan(data: bytes, width: int, height: int) -> _JpegScan:
     """The JPEG's first scan, or :class:`ImageRejected` if its markers are malformed or it is too short."""
-    scan = _jpeg_scan(data)
-    if scan is None:
-        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
-    if (rejection := _scan_size_rejection(scan.start, scan.end, width, height)) is not None:
-        raise rejection
-    return scan
+    start = _first_scan_start(data)
+    # Entropy-coded data stuffs every 0xFF with 0x00, so these byte pairs can only be markers.
+    end = data.find(_EOI, start)
+    end = len(data) if end < 0 else end
+    _check_scan_size(start, end, width, height)
+    return _JpegScan(start, end, scans=1 + data.count(b"\xff\xda", start, end))
 
 
 def _check_jpeg_scan_size(data: bytes, width: int, height: int) -> None:
@@ -228,13 +224,9 @@ def _check_jpeg_scan_size(data: bytes, width: int, height: int) -> None:
     whole file and counting its scans cost about 0.07 ms per image.
     """
     start = _first_scan_start(data)
-    if start is None:
-        raise ImageRejected("corrupt", "the JPEG's marker segments are malformed")
-    needed = math.ceil(math.ceil(width / 8) * math.ceil(height / 8) / 8)
+    needed = math.ceil(_blocks(width, height) / 8)
     end = data.find(_EOI, start, start + needed + 1)  # a marker at start + needed or later leaves enough
-    end = min(len(data), start + needed) if end < 0 else end
-    if (rejection := _scan_size_rejection(start, end, width, height)) is not None:
-        raise rejection
+    _check_scan_size(start, min(len(data), start + needed) if end < 0 else end, width, height)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
