@@ -52,7 +52,7 @@ from pathlib import Path
 
 import typer
 
-from dfmod.loopback import child_preexec, free_port, moto_server, port_open
+from dfmod.loopback import free_port, moto_server, port_open, start_child
 
 
 @dataclass
@@ -212,12 +212,11 @@ class _Process:
     ) -> None:
         self.log = log
         self.handle = open(log, "ab")
-        # Started while pinned: the child and every thread it makes inherit the CPU mask.
-        with _pinned(cpus):
-            self.process = subprocess.Popen(
-                args, env=env, stdout=self.handle, stderr=subprocess.STDOUT, preexec_fn=child_preexec()
-            )
+        self.process: subprocess.Popen | None = None
         try:
+            # Started while pinned: the child and every thread it makes inherit the CPU mask.
+            with _pinned(cpus):
+                self.process = start_child(args, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
             self._wait_until_ready(args, ready, port)
         except BaseException:  # not ready in time, or the bench itself stopped (SIGTERM) meanwhile
             self.stop()
@@ -236,12 +235,13 @@ class _Process:
         raise TimeoutError(f"{args} not ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
         self.handle.close()
 
 

@@ -490,14 +490,6 @@ def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _worker_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Stop with `dfmod up` even if it is killed (SIGKILL included), in a process group of its own."""
-    from dfmod.loopback import die_with_parent
-
-    die_with_parent()
-    os.setpgrp()  # a Ctrl-C in the terminal reaches `dfmod up`, which stops the workers in order
-
-
 class WorkerSupervisor:
     """One ``dfmod worker`` child of ``dfmod up``: started, restarted if it crashes, stopped with its parent."""
 
@@ -517,10 +509,12 @@ class WorkerSupervisor:
         with self._lock:
             if self._stopping.is_set():
                 return
-            preexec = _worker_preexec if sys.platform.startswith("linux") else None
-            self.process = subprocess.Popen(
+            from dfmod.loopback import start_child
+
+            # Its own process group: a Ctrl-C in the terminal reaches `dfmod up`, which stops the workers in order.
+            self.process = start_child(
                 [sys.executable, "-m", "dfmod", "worker", *self.args, "--hostname", f"{self.name}-{os.getpid()}@%h"],
-                env=self.env, preexec_fn=preexec,
+                env=self.env, own_process_group=True,
             )
 
     def watch(self) -> None:

@@ -96,9 +96,9 @@ def enqueue_costs(url: str, messages: int) -> dict[str, float]:
 
 @contextmanager
 def _server(command: list[str], port: int):
-    from dfmod.loopback import child_preexec, wait_for_port
+    from dfmod.loopback import start_child, wait_for_port
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec())
+    process = start_child(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         yield process

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from dfmod.loopback import child_preexec, free_port, wait_for_port
+from dfmod.loopback import free_port, start_child, wait_for_port
 from tests.utils.images import make_image_bytes
 from tests.utils.processes import REPO_ROOT
 
@@ -24,9 +24,9 @@ def test_dfmod_up_runs_api_and_worker_on_embedded_defaults(tmp_path, checkpoint_
         key: value for key, value in os.environ.items() if not key.startswith("DFMOD_")
     } | {"DFMOD_CHECKPOINT": str(checkpoint_path), "DFMOD_METRICS_PORT": str(free_port()), "DFMOD_TORCH_THREADS": "1"}
     log = open(tmp_path / "up.log", "wb")
-    process = subprocess.Popen(
+    process = start_child(
         [sys.executable, "-m", "dfmod", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=child_preexec(),
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )
     try:
         wait_for_port(port, timeout=90)
@@ -71,9 +71,9 @@ def test_dfmod_up_restarts_a_crashed_worker_and_its_workers_die_with_it(tmp_path
         "DFMOD_CHECKPOINT": str(checkpoint_path), "DFMOD_TORCH_THREADS": "1",
     }
     log = open(tmp_path / "up.log", "wb")
-    process = subprocess.Popen(
+    process = start_child(
         [sys.executable, "-m", "dfmod", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=child_preexec(),
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )
     workers: list = []
     try:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 
-from dfmod.loopback import child_preexec, free_port, moto_command, moto_server, wait_for_port
+from dfmod.loopback import free_port, moto_command, moto_server, start_child, wait_for_port
 from dfmod.moto_main import default_server
 
 
@@ -95,8 +95,7 @@ def test_granian_is_the_default_where_installed():
 
 def test_granians_worker_stops_when_the_server_is_killed():
     port = free_port()
-    process = subprocess.Popen(moto_command(port, "granian"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=child_preexec())
+    process = start_child(moto_command(port, "granian"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         workers = psutil.Process(process.pid).children(recursive=True)

@@ -23,7 +23,7 @@ import time
 from glob import glob
 from pathlib import Path
 
-from dfmod.loopback import child_preexec, free_port, moto_command, wait_for_port
+from dfmod.loopback import free_port, moto_command, start_child, wait_for_port
 
 
 def _reset(sock: socket.socket) -> None:
@@ -152,10 +152,10 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
+        self.process = start_child(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, timeout=10)
 
@@ -214,9 +214,7 @@ class PrivatePostgres:
 class StallableS3:
     def __init__(self) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen(
-            moto_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_preexec()
-        )
+        self.process = start_child(moto_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
 

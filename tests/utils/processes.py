@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dfmod.loopback import child_preexec, free_port, wait_for_port
+from dfmod.loopback import free_port, start_child, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,9 +28,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = start_child(
             self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -61,10 +60,9 @@ class ApiProcess:
         self.port = free_port()
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = start_child(
             [sys.executable, "-m", "dfmod", "api", "--port", str(self.port), "--log-level", "warning"],
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            preexec_fn=child_preexec(),
         )
         wait_for_port(self.port, timeout=60)
         self.url = f"http://127.0.0.1:{self.port}"
