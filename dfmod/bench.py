@@ -52,7 +52,7 @@ from pathlib import Path
 
 import typer
 
-from dfmod.loopback import free_port, moto_server, port_open, start_child
+from dfmod.loopback import free_port, moto_server, port_open, start_child, stop_child
 
 
 @dataclass
@@ -235,13 +235,8 @@ class _Process:
         raise TimeoutError(f"{args} not ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process, timeout_s=30)
         self.handle.close()
 
 

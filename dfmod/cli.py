@@ -539,14 +539,10 @@ class WorkerSupervisor:
         self._stopping.set()
         with self._lock:
             process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            from dfmod.loopback import stop_child
+
+            stop_child(process, timeout_s)
 
 
 def _up_key(settings) -> str:

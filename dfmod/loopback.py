@@ -79,6 +79,19 @@ def start_child(args: list[str], *, own_process_group: bool = False, **popen_kwa
     return process
 
 
+def stop_child(process: subprocess.Popen, timeout_s: float, signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` to a child still running, wait up to ``timeout_s`` for it to exit, else kill it; always
+    reaped on return."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -121,9 +134,4 @@ def moto_server(server: str | None = None) -> Iterator[str]:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_child(process, timeout_s=10)

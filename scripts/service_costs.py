@@ -96,15 +96,14 @@ def enqueue_costs(url: str, messages: int) -> dict[str, float]:
 
 @contextmanager
 def _server(command: list[str], port: int):
-    from dfmod.loopback import start_child, wait_for_port
+    from dfmod.loopback import start_child, stop_child, wait_for_port
 
     process = start_child(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         yield process
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_child(process, timeout_s=10)
 
 
 def s3_get_cost(command: list[str], port: int, gets: int, threads: int) -> tuple[float, float]:

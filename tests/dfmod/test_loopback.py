@@ -12,7 +12,7 @@ import uuid
 import psutil
 import pytest
 
-from dfmod.loopback import start_child
+from dfmod.loopback import start_child, stop_child
 from tests.utils.processes import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -37,7 +37,7 @@ def test_a_sigterm_that_arrives_while_the_child_is_forked_still_stops_the_parent
     marker = f"dfmod-test-child-{uuid.uuid4().hex}"
     parent = textwrap.dedent(f"""
         import logging, os, signal, sys
-        from dfmod.loopback import start_child
+        from dfmod.loopback import start_child, stop_child
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGTERM))
         start_child([sys.executable, "-c", "import time; time.sleep(120)", "{marker}"])
@@ -68,7 +68,7 @@ def test_a_child_stops_when_its_parent_is_killed():
     parent = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from dfmod.loopback import start_child
+            from dfmod.loopback import start_child, stop_child
             start_child([sys.executable, "-c", "import time; time.sleep(120)", "{marker}"])
             print("started", flush=True)
             time.sleep(120)
@@ -85,3 +85,19 @@ def test_a_child_stops_when_its_parent_is_killed():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_stop_child_signals_then_kills_a_child_that_ignores_it_and_reaps_it():
+    ignores_sigterm = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)"
+    child = start_child([sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"1\n"  # its handler is in place
+        stop_child(child, timeout_s=1)
+        assert child.returncode == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    obeys = start_child([sys.executable, "-c", "import time; time.sleep(120)"])
+    stop_child(obeys, timeout_s=30, signum=signal.SIGINT)
+    assert obeys.returncode != -signal.SIGKILL and obeys.returncode is not None
+    stop_child(obeys, timeout_s=30)  # an exited child: nothing to do

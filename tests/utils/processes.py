@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dfmod.loopback import free_port, start_child, wait_for_port
+from dfmod.loopback import free_port, start_child, stop_child, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,13 +44,8 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def stop(self, sig: int = 15, timeout: float = 30) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_child(self.process, timeout, sig)
 
 
 class ApiProcess:
@@ -68,11 +63,5 @@ class ApiProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout_s=20)
         self.log.close()
