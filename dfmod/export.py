@@ -147,12 +147,17 @@ def quantize_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray, batch_siz
 OPENVINO_FP32_LAYERS = (".*conv_head.*", ".*classifier.*")
 
 
-def quantize_openvino_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray, meta: ModelMeta) -> Path:
+def quantize_openvino_int8(
+    fp32_onnx: Path, out: Path, calibration: np.ndarray, meta: ModelMeta, *,
+    fp32_layers: tuple[str, ...] = OPENVINO_FP32_LAYERS, range_estimator=None, input_pixel_range: bool = True,
+) -> Path:
     """OpenVINO int8 by NNCF post-training quantization (mixed preset, bias correction) on ``calibration``.
 
     NNCF's bias correction keeps the shipped model closer to fp32 than ONNX Runtime's plain min/max
     calibration does (model card, int8 table). The input's quantizer then gets the range of every pixel the
-    model can receive (:func:`quantize_input_to_pixel_range`).
+    model can receive (:func:`quantize_input_to_pixel_range`). The keywords are the shipped recipe; the
+    model card's other recipes (``scripts/int8_recipes.py``) change them: the layers left in fp32 (name
+    patterns), NNCF's activation range estimator (its default when None), the input's full range.
     """
     import nncf
     import openvino as ov
@@ -160,12 +165,17 @@ def quantize_openvino_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray, 
     from dfmod.detector import openvino_core
 
     model = openvino_core().read_model(str(fp32_onnx))  # the process's one Core (see there)
+    advanced = None
+    if range_estimator is not None:
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+        advanced = AdvancedQuantizationParameters(activations_range_estimator_params=range_estimator)
     quantized = nncf.quantize(
         model, nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
-        preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
-        ignored_scope=nncf.IgnoredScope(patterns=list(OPENVINO_FP32_LAYERS), validate=False),
+        preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), advanced_parameters=advanced,
+        ignored_scope=nncf.IgnoredScope(patterns=list(fp32_layers), validate=False),
     )
-    if not quantize_input_to_pixel_range(quantized, meta):
+    if input_pixel_range and not quantize_input_to_pixel_range(quantized, meta):
         logger.warning("%s: no quantizer reads the input; its range stays as calibrated", fp32_onnx.name)
     ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out

@@ -28,10 +28,10 @@ from dfmod.export import (
     export_onnx,
     labelled_images,
     pixels_of,
-    quantize_input_to_pixel_range,
+    quantize_openvino_int8,
 )
 
-HEAD = [".*conv_head.*", ".*classifier.*"]
+HEAD = (".*conv_head.*", ".*classifier.*")
 
 
 def recipes():
@@ -39,10 +39,10 @@ def recipes():
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     return {
-        "first conv, head and classifier in fp32": ([".*conv_stem.*", *HEAD], None, False),
+        "first conv, head and classifier in fp32": ((".*conv_stem.*", *HEAD), None, False),
         "the first conv quantized, calibrated input range": (HEAD, None, False),
-        "the first conv quantized, input range every pixel value (shipped)": (list(OPENVINO_FP32_LAYERS), None, True),
-        "everything quantized, calibrated input range": ([], None, False),
+        "the first conv quantized, input range every pixel value (shipped)": (OPENVINO_FP32_LAYERS, None, True),
+        "everything quantized, calibrated input range": ((), None, False),
         "the first conv quantized, every range the calibration's global min/max": (
             HEAD, RangeEstimatorParametersSet.MINMAX, False,
         ),
@@ -58,10 +58,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the quantized files here")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING")
-
-    import nncf
-    import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     checkpoint = args.checkpoint or default_checkpoint_path()
     meta = read_meta(checkpoint)
@@ -89,16 +85,10 @@ def main() -> None:
     references = {name: probabilities(fp32, batch) for name, (batch, _) in splits.items()}
     files = {name: Path(path) for name, path in (item.split("=", 1) for item in args.file)}
     for index, (name, (fp32_layers, estimator, widen)) in enumerate(recipes().items()):
-        advanced = AdvancedQuantizationParameters(activations_range_estimator_params=estimator) if estimator else None
-        quantized = nncf.quantize(
-            core.read_model(str(fp32)), nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
-            preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), advanced_parameters=advanced,
-            ignored_scope=nncf.IgnoredScope(patterns=fp32_layers, validate=False),
+        files[name] = quantize_openvino_int8(
+            fp32, out / f"recipe{index}.xml", calibration, meta,
+            fp32_layers=fp32_layers, range_estimator=estimator, input_pixel_range=widen,
         )
-        if widen:
-            quantize_input_to_pixel_range(quantized, meta)
-        files[name] = out / f"recipe{index}.xml"
-        ov.save_model(quantized, str(files[name]), compress_to_fp16=False)
 
     print(f"labels differing from openvino-fp32 (threshold {meta.threshold:.4f}); quantized files in {out}")
     for name, path in files.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfmod.detector import OpenVinoRunner, openvino_core, pointwise_convolutions_as_matmuls
+from dfmod.detector import OpenVinoRunner, measure_throughput, openvino_core, pointwise_convolutions_as_matmuls
 
 
 def alternating_throughput(paths: list[Path], threads: int, rounds: int) -> None:
@@ -36,11 +36,7 @@ def alternating_throughput(paths: list[Path], threads: int, rounds: int) -> None
     runs: list[list[float]] = [[] for _ in paths]
     for _ in range(rounds):
         for runner, figures in zip(runners, runs, strict=True):
-            images, started = 0, time.perf_counter()
-            while time.perf_counter() - started < 1.5:
-                runner.logits(pixels)
-                images += len(pixels)
-            figures.append(images / (time.perf_counter() - started))
+            figures.append(measure_throughput(runner.logits, pixels, 1.5)[0])
     for path, figures in zip(paths, runs, strict=True):
         print(f"{path}: median {np.median(figures):.0f} img/s, rounds {[round(f) for f in figures]}")
 
